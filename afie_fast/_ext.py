@@ -1,0 +1,84 @@
+"""The one module that talks to the compiled core ``afie_fast._C``.
+
+Tensors cross as zero-copy DLPack buffers; this module allocates every output with
+torch's allocator and passes the caller's thread count and CUDA stream along.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+try:  # Make libscipy_openblas.so findable even when _C's rpath does not reach it.
+    import scipy_openblas32 as _openblas
+
+    ctypes.CDLL(os.path.join(_openblas.get_lib_dir(), _openblas.get_library(fullname=True)), mode=ctypes.RTLD_GLOBAL)
+except (ImportError, OSError):  # the rpath may still find it; _C's import says if not
+    pass
+
+try:
+    from . import _C
+except ImportError as exc:  # pragma: no cover - depends on how the package was installed
+    raise ImportError(
+        f"afie_fast's compiled core could not be loaded ({exc}). Install the package with "
+        "`pip install .` and do not run Python from a source checkout whose afie_fast/ "
+        f"folder lacks _C (this one is {os.path.dirname(__file__)})."
+    ) from exc
+
+__all__ = ["_C", "threads", "comoments_update", "comoments_merge", "eigh", "singular_values",
+           "leave_one_out", "spectrum_entropy"]
+
+
+def threads() -> int:
+    """Threads the core may use: torch's, so the two libraries never oversubscribe."""
+    return torch.get_num_threads()
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
+def comoments_update(y: torch.Tensor, n: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
+                     scratch: torch.Tensor | None = None, rejected: torch.Tensor | None = None) -> None:
+    """Add y (N, C, H, W) to the state (n, mean, m2) in place. CUDA states also pass their
+    scratch (C + 2,) float64 and rejected (1,) int32 buffers."""
+    _C.comoments_update(y.detach(), n, mean, m2, threads(), _stream(y), scratch, rejected)
+
+
+def comoments_merge(a: tuple, b: tuple, scratch: torch.Tensor | None = None) -> None:
+    """Merge state b = (n, mean, m2) into state a in place (same device)."""
+    _C.comoments_merge(*a, *b, _stream(a[1]), scratch)
+
+
+def eigh(a: torch.Tensor, vectors: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Eigenvalues (ascending) and optionally eigenvectors of symmetric a (..., C, C), float64 CPU."""
+    if a.dim() < 2 or a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"a: expected square matrices (..., C, C), got shape {tuple(a.shape)}")
+    batch, c = a.shape[:-2], a.shape[-1]
+    a3 = a.detach().to(torch.float64).reshape(-1, c, c).contiguous()
+    w = torch.empty(a3.shape[:2], dtype=torch.float64)
+    v = torch.empty_like(a3) if vectors else None
+    _C.eigh(a3, w, v, threads())
+    return w.reshape(*batch, c), (v.reshape(*batch, c, c) if vectors else None)
+
+
+def singular_values(m: torch.Tensor) -> torch.Tensor:
+    """Singular values (descending) of a 2-D matrix, float64."""
+    m = m.detach().to(torch.float64).contiguous()
+    s = torch.empty(min(m.shape), dtype=torch.float64)
+    _C.singular_values(m, s, threads())
+    return s
+
+
+def leave_one_out(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues (C, C-1) of every principal submatrix of V diag(w) Vᵀ."""
+    c = w.shape[0]
+    out = torch.empty(c, max(c - 1, 0), dtype=torch.float64)
+    _C.leave_one_out(w.contiguous(), v.contiguous(), out, threads())
+    return out
+
+
+def spectrum_entropy(s: torch.Tensor) -> float:
+    """AFIE's entropy K of a spectrum (DESIGN §2)."""
+    return _C.spectrum_entropy(s.detach().to(torch.float64).contiguous())

@@ -1,0 +1,349 @@
+// pybind11 module afie_fast._C: turns DLPack tensors into raw buffers, checks every
+// argument once, and calls the core. No numerics here.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "blas.h"
+#include "comoments.h"
+#include "dlpack.h"
+#include "entropy.h"
+#include "linalg.h"
+#ifdef AFIE_WITH_CUDA
+#include "cuda/ops.h"
+#endif
+
+namespace py = pybind11;
+using afie::DType;
+
+#define AFIE_STR2(x) #x
+#define AFIE_STR(x) AFIE_STR2(x)
+
+namespace {
+
+// A borrowed view of any object with __dlpack__ (torch, numpy, CuPy, JAX). Owns the
+// DLManagedTensor until destruction; the caller keeps the object itself alive.
+class Buffer {
+ public:
+  Buffer(py::handle obj, const char* name) : name_(name) {
+    if (!py::hasattr(obj, "__dlpack__"))
+      throw py::type_error(name_ + ": expected a tensor or array (an object with __dlpack__), got " +
+                           std::string(py::str(py::type::of(obj).attr("__name__"))));
+    py::tuple dev = obj.attr("__dlpack_device__")();
+    const int dev_type = dev[0].cast<int>();
+    // CUDA producers sync to the stream we pass; -1 says "no sync", since kernels run on
+    // the caller's current stream, passed explicitly.
+    py::object cap = dev_type == kDLCUDA ? obj.attr("__dlpack__")(py::arg("stream") = -1) : obj.attr("__dlpack__")();
+    mt_ = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(cap.ptr(), "dltensor"));
+    if (!mt_) throw py::error_already_set();
+    PyCapsule_SetName(cap.ptr(), "used_dltensor");  // we call the deleter ourselves
+    const DLTensor& t = mt_->dl_tensor;
+    data = static_cast<char*>(t.data) + t.byte_offset;
+    device_type = t.device.device_type;
+    device_id = t.device.device_id;
+    shape.assign(t.shape, t.shape + t.ndim);
+    strides.resize(t.ndim);
+    for (int i = t.ndim - 1, s = 1; i >= 0; --i) {
+      strides[i] = t.strides ? t.strides[i] : s;
+      s *= int(t.shape[i]);
+    }
+    code = t.dtype.code, bits = t.dtype.bits, lanes = t.dtype.lanes;
+  }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer() {
+    if (mt_ && mt_->deleter) mt_->deleter(mt_);
+  }
+
+  int64_t ndim() const { return int64_t(shape.size()); }
+  int64_t numel() const {
+    int64_t n = 1;
+    for (auto s : shape) n *= s;
+    return n;
+  }
+  bool contiguous() const {
+    int64_t s = 1;
+    for (int64_t i = ndim() - 1; i >= 0; --i) {
+      if (shape[i] != 1 && strides[i] != s) return false;
+      s *= shape[i];
+    }
+    return true;
+  }
+  bool on_cuda() const { return device_type == kDLCUDA || device_type == kDLCUDAManaged; }
+  std::string device_str() const {
+    return on_cuda() ? "cuda:" + std::to_string(device_id) : device_type == kDLCPU ? "cpu" : "device type " + std::to_string(device_type);
+  }
+  std::string dtype_str() const {
+    if (lanes != 1) return "vector type";
+    const char* kinds[] = {"int", "uint", "float", "opaque", "bfloat", "complex", "bool"};
+    return std::string(code <= 6 ? kinds[code] : "code" + std::to_string(code)) + std::to_string(bits);
+  }
+
+  // Any float type the accumulator reads (fp16, bf16, fp32, fp64).
+  DType float_dtype() const {
+    if (lanes == 1 && code == kDLFloat && bits == 16) return DType::f16;
+    if (lanes == 1 && code == kDLBfloat && bits == 16) return DType::bf16;
+    if (lanes == 1 && code == kDLFloat && bits == 32) return DType::f32;
+    if (lanes == 1 && code == kDLFloat && bits == 64) return DType::f64;
+    throw py::type_error(name_ + ": dtype " + dtype_str() +
+                         " is not supported; expected float16, bfloat16, float32 or float64");
+  }
+  void expect_dtype(DType want) const {
+    if (float_dtype() != want)
+      throw py::type_error(name_ + ": expected dtype " + afie::dtype_name(want) + ", got " + dtype_str());
+  }
+  void expect_shape(const std::vector<int64_t>& want) const {
+    if (shape != want) throw py::value_error(name_ + ": expected shape " + fmt(want) + ", got " + fmt(shape));
+  }
+  void expect_contiguous() const {
+    if (!contiguous()) throw py::value_error(name_ + ": must be contiguous");
+  }
+  void expect_same_device(const Buffer& other) const {
+    if (device_type != other.device_type || device_id != other.device_id)
+      throw py::value_error(name_ + " is on " + device_str() + " but " + other.name_ + " is on " + other.device_str());
+  }
+  void expect_cpu(const char* op) const {
+    if (device_type != kDLCPU) throw py::value_error(name_ + ": " + op + " runs on CPU buffers, got " + device_str());
+  }
+  static std::string fmt(const std::vector<int64_t>& s) {
+    std::string out = "(";
+    for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+    return out + (s.size() == 1 ? ",)" : ")");
+  }
+
+  void* data = nullptr;
+  int device_type = 0, device_id = 0;
+  std::vector<int64_t> shape, strides;
+  uint8_t code = 0, bits = 0;
+  uint16_t lanes = 0;
+
+ private:
+  std::string name_;
+  DLManagedTensor* mt_ = nullptr;
+};
+
+template <class T> T* ptr(const Buffer& b) { return static_cast<T*>(b.data); }
+
+#ifndef AFIE_WITH_CUDA
+[[noreturn]] void no_cuda(const char* op) {
+  throw py::value_error(std::string(op) + ": got CUDA tensors, but afie_fast was built without CUDA kernels");
+}
+#endif
+
+// State of one accumulator: n [1] float64, mean [C], m2 [C, C] (float32 or float64,
+// contiguous, all on one device). Returns the state's dtype.
+DType check_state(const Buffer& n, const Buffer& mean, const Buffer& m2) {
+  n.expect_dtype(DType::f64);
+  n.expect_shape({1});
+  const DType acc = mean.float_dtype();
+  if (acc != DType::f32 && acc != DType::f64) mean.expect_dtype(DType::f64);
+  m2.expect_dtype(acc);
+  if (mean.ndim() != 1) throw py::value_error("mean: expected a 1-D tensor, got shape " + Buffer::fmt(mean.shape));
+  const int64_t C = mean.shape[0];
+  m2.expect_shape({C, C});
+  for (const Buffer* b : {&n, &mean, &m2}) b->expect_contiguous();
+  mean.expect_same_device(n);
+  m2.expect_same_device(n);
+  return acc;
+}
+
+void comoments_update(py::handle y_obj, py::handle n_obj, py::handle mean_obj, py::handle m2_obj, int threads,
+                      std::uintptr_t stream, py::object scratch_obj, py::object rejected_obj) {
+  Buffer y(y_obj, "y"), n(n_obj, "n"), mean(mean_obj, "mean"), m2(m2_obj, "m2");
+  const DType acc = check_state(n, mean, m2);
+  if (y.ndim() != 4) throw py::value_error("y: expected a 4-D (N, C, H, W) tensor, got shape " + Buffer::fmt(y.shape));
+  const DType in = y.float_dtype();
+  if (y.shape[1] != mean.shape[0])
+    throw py::value_error("y: has " + std::to_string(y.shape[1]) + " channels, the accumulator " +
+                          std::to_string(mean.shape[0]));
+  y.expect_same_device(mean);
+  if (y.numel() == 0) throw py::value_error("y: empty batch (shape " + Buffer::fmt(y.shape) + ")");
+  afie::Batch4 b{y.data, in, {}, {}};
+  for (int i = 0; i < 4; ++i) b.shape[i] = y.shape[i], b.strides[i] = y.strides[i];
+  if (y.on_cuda()) {
+#ifdef AFIE_WITH_CUDA
+    if (scratch_obj.is_none() || rejected_obj.is_none())
+      throw py::value_error("comoments_update: CUDA states need scratch [C + 2] float64 and rejected [1] int32 buffers");
+    Buffer scratch(scratch_obj, "scratch"), rejected(rejected_obj, "rejected");
+    scratch.expect_dtype(DType::f64), scratch.expect_contiguous(), scratch.expect_same_device(y);
+    scratch.expect_shape({mean.shape[0] + 2});
+    if (rejected.code != kDLInt || rejected.bits != 32 || rejected.numel() != 1)
+      throw py::type_error("rejected: expected one int32, got " + rejected.dtype_str() + " " + Buffer::fmt(rejected.shape));
+    rejected.expect_same_device(y);
+    py::gil_scoped_release nogil;
+    auto* sp = ptr<double>(scratch);
+    auto* rp = ptr<int32_t>(rejected);
+    if (acc == DType::f64) afie::cuda::comoments_update(b, ptr<double>(n), ptr<double>(mean), ptr<double>(m2), sp, rp, stream);
+    else afie::cuda::comoments_update(b, ptr<double>(n), ptr<float>(mean), ptr<float>(m2), sp, rp, stream);
+    return;
+#else
+    (void)stream, (void)scratch_obj, (void)rejected_obj;
+    no_cuda("comoments_update");
+#endif
+  }
+  py::gil_scoped_release nogil;
+  if (acc == DType::f64) afie::comoments_update_cpu(b, ptr<double>(n), ptr<double>(mean), ptr<double>(m2), threads);
+  else afie::comoments_update_cpu(b, ptr<double>(n), ptr<float>(mean), ptr<float>(m2), threads);
+}
+
+void comoments_merge(py::handle na_o, py::handle ma_o, py::handle m2a_o, py::handle nb_o, py::handle mb_o,
+                     py::handle m2b_o, std::uintptr_t stream, py::object scratch_obj) {
+  Buffer na(na_o, "n_a"), ma(ma_o, "mean_a"), m2a(m2a_o, "m2_a");
+  Buffer nb(nb_o, "n_b"), mb(mb_o, "mean_b"), m2b(m2b_o, "m2_b");
+  const DType acc = check_state(na, ma, m2a);
+  if (check_state(nb, mb, m2b) != acc) mb.expect_dtype(acc);
+  if (mb.shape != ma.shape)
+    throw py::value_error("cannot merge accumulators of " + std::to_string(ma.shape[0]) + " and " +
+                          std::to_string(mb.shape[0]) + " channels");
+  nb.expect_same_device(na);
+  const int64_t C = ma.shape[0];
+  if (na.on_cuda()) {
+#ifdef AFIE_WITH_CUDA
+    if (scratch_obj.is_none()) throw py::value_error("comoments_merge: CUDA states need a scratch [C + 2] float64 buffer");
+    Buffer scratch(scratch_obj, "scratch");
+    scratch.expect_dtype(DType::f64), scratch.expect_contiguous(), scratch.expect_same_device(na);
+    scratch.expect_shape({C + 2});
+    py::gil_scoped_release nogil;
+    if (acc == DType::f64)
+      afie::cuda::comoments_merge(C, ptr<double>(na), ptr<double>(ma), ptr<double>(m2a), ptr<double>(nb), ptr<double>(mb), ptr<double>(m2b), ptr<double>(scratch), stream);
+    else
+      afie::cuda::comoments_merge(C, ptr<double>(na), ptr<float>(ma), ptr<float>(m2a), ptr<double>(nb), ptr<float>(mb), ptr<float>(m2b), ptr<double>(scratch), stream);
+    return;
+#else
+    (void)stream;
+    no_cuda("comoments_merge");
+#endif
+  }
+  na.expect_cpu("comoments_merge");
+  if (acc == DType::f64)
+    afie::comoments_merge_cpu(C, ptr<double>(na), ptr<double>(ma), ptr<double>(m2a), ptr<double>(nb), ptr<double>(mb), ptr<double>(m2b));
+  else
+    afie::comoments_merge_cpu(C, ptr<double>(na), ptr<float>(ma), ptr<float>(m2a), ptr<double>(nb), ptr<float>(mb), ptr<float>(m2b));
+}
+
+void eigh(py::handle a_o, py::handle w_o, py::object v_o, int threads) {
+  Buffer a(a_o, "a"), w(w_o, "w");
+  a.expect_dtype(DType::f64);
+  a.expect_cpu("eigh");
+  if (a.ndim() != 3 || a.shape[1] != a.shape[2])
+    throw py::value_error("a: expected a (B, C, C) batch of square matrices, got shape " + Buffer::fmt(a.shape));
+  a.expect_contiguous();
+  const int64_t B = a.shape[0], C = a.shape[1];
+  for (Buffer* b : {&w}) b->expect_dtype(DType::f64), b->expect_contiguous(), b->expect_same_device(a);
+  w.expect_shape({B, C});
+  double* vp = nullptr;
+  std::unique_ptr<Buffer> v;
+  if (!v_o.is_none()) {
+    v = std::make_unique<Buffer>(v_o, "v");
+    v->expect_dtype(DType::f64), v->expect_contiguous(), v->expect_same_device(a), v->expect_shape({B, C, C});
+    vp = ptr<double>(*v);
+  }
+  py::gil_scoped_release nogil;
+  afie::eigh_batched_cpu(B, C, ptr<double>(a), ptr<double>(w), vp, threads);
+}
+
+void singular_values(py::handle m_o, py::handle s_o, int threads) {
+  Buffer m(m_o, "m"), s(s_o, "s");
+  m.expect_dtype(DType::f64), m.expect_cpu("singular_values"), m.expect_contiguous();
+  if (m.ndim() != 2) throw py::value_error("m: expected a 2-D matrix, got shape " + Buffer::fmt(m.shape));
+  s.expect_dtype(DType::f64), s.expect_contiguous(), s.expect_same_device(m);
+  s.expect_shape({std::min(m.shape[0], m.shape[1])});
+  py::gil_scoped_release nogil;
+  afie::singular_values_cpu(m.shape[0], m.shape[1], ptr<double>(m), ptr<double>(s), threads);
+}
+
+void leave_one_out(py::handle w_o, py::handle v_o, py::handle out_o, int threads) {
+  Buffer w(w_o, "w"), v(v_o, "v"), out(out_o, "out");
+  w.expect_dtype(DType::f64), w.expect_cpu("leave_one_out"), w.expect_contiguous();
+  if (w.ndim() != 1) throw py::value_error("w: expected 1-D eigenvalues, got shape " + Buffer::fmt(w.shape));
+  const int64_t C = w.shape[0];
+  v.expect_dtype(DType::f64), v.expect_contiguous(), v.expect_same_device(w), v.expect_shape({C, C});
+  out.expect_dtype(DType::f64), out.expect_contiguous(), out.expect_same_device(w);
+  out.expect_shape({C, std::max<int64_t>(C - 1, 0)});
+  const double* wp = ptr<double>(w);
+  for (int64_t i = 1; i < C; ++i)
+    if (!(wp[i] >= wp[i - 1])) throw py::value_error("w: eigenvalues must be finite and ascending");
+  py::gil_scoped_release nogil;
+  afie::leave_one_out_cpu(C, wp, ptr<double>(v), ptr<double>(out), threads);
+}
+
+double spectrum_entropy(py::handle s_o) {
+  Buffer s(s_o, "s");
+  s.expect_dtype(DType::f64), s.expect_cpu("spectrum_entropy"), s.expect_contiguous();
+  if (s.ndim() != 1 || s.shape[0] == 0)
+    throw py::value_error("s: expected a non-empty 1-D spectrum, got shape " + Buffer::fmt(s.shape));
+  const double* p = ptr<double>(s);
+  for (int64_t i = 0; i < s.shape[0]; ++i)
+    if (!std::isfinite(p[i])) throw py::value_error("s: spectrum contains NaN or Inf");
+  return afie::spectrum_entropy(p, s.shape[0]);
+}
+
+void spectra_entropy(py::handle s_o, py::handle out_o, std::uintptr_t stream) {
+  Buffer s(s_o, "s"), out(out_o, "out");
+  s.expect_dtype(DType::f64), s.expect_contiguous();
+  if (s.ndim() != 2 || s.shape[1] == 0)
+    throw py::value_error("s: expected (B, p) spectra with p > 0, got shape " + Buffer::fmt(s.shape));
+  out.expect_dtype(DType::f64), out.expect_contiguous(), out.expect_same_device(s), out.expect_shape({s.shape[0]});
+  const int64_t B = s.shape[0], p = s.shape[1];
+  if (s.on_cuda()) {
+#ifdef AFIE_WITH_CUDA
+    afie::cuda::spectra_entropy(B, p, ptr<double>(s), ptr<double>(out), stream);
+    return;
+#else
+    (void)stream;
+    no_cuda("spectra_entropy");
+#endif
+  }
+  s.expect_cpu("spectra_entropy");
+  for (int64_t b = 0; b < B; ++b) ptr<double>(out)[b] = afie::spectrum_entropy(ptr<double>(s) + b * p, p);
+}
+
+py::dict blas_info() {
+  py::dict d;
+  d["name"] = "scipy-openblas32";
+  d["config"] = std::string(AFIE_BLAS(openblas_get_config)());
+  d["threads"] = AFIE_BLAS(openblas_get_num_threads)();
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "afie_fast core: streaming co-moments, eigensolves and AFIE entropy on raw buffers";
+  m.attr("__version__") = AFIE_STR(AFIE_VERSION);
+#ifdef AFIE_WITH_CUDA
+  m.attr("cuda_compiled") = true;
+  m.def("cuda_device_count", &afie::cuda::device_count, "CUDA devices visible to the runtime (0 without a driver)");
+#else
+  m.attr("cuda_compiled") = false;
+  m.def("cuda_device_count", [] { return 0; });
+#endif
+  m.attr("compiler") =
+#if defined(__clang__)
+      "clang " __clang_version__;
+#elif defined(__GNUC__)
+      "gcc " __VERSION__;
+#else
+      "unknown";
+#endif
+  m.def("comoments_update", &comoments_update, py::arg("y"), py::arg("n"), py::arg("mean"), py::arg("m2"),
+        py::arg("threads") = 1, py::arg("stream") = 0, py::arg("scratch") = py::none(), py::arg("rejected") = py::none(),
+        "Add a (N, C, H, W) batch y to the state (n [1] f64, mean [C], m2 [C, C]). NaN/Inf batches are rejected.");
+  m.def("comoments_merge", &comoments_merge, py::arg("n_a"), py::arg("mean_a"), py::arg("m2_a"), py::arg("n_b"),
+        py::arg("mean_b"), py::arg("m2_b"), py::arg("stream") = 0, py::arg("scratch") = py::none(), "Merge state b into state a (Chan et al.).");
+  m.def("eigh", &eigh, py::arg("a"), py::arg("w"), py::arg("v") = py::none(), py::arg("threads") = 1,
+        "Eigenvalues (ascending) into w [B, C] and optionally eigenvectors into v [B, C, C] of a [B, C, C].");
+  m.def("singular_values", &singular_values, py::arg("m"), py::arg("s"), py::arg("threads") = 1,
+        "Singular values (descending) of m [R, K] into s [min(R, K)].");
+  m.def("leave_one_out", &leave_one_out, py::arg("w"), py::arg("v"), py::arg("out"), py::arg("threads") = 1,
+        "Eigenvalues of every principal (C-1)x(C-1) submatrix, from eigenpairs w [C], v [C, C], into out [C, C-1].");
+  m.def("spectrum_entropy", &spectrum_entropy, py::arg("s"), "AFIE entropy K of a spectrum s [p] (float64).");
+  m.def("spectra_entropy", &spectra_entropy, py::arg("s"), py::arg("out"), py::arg("stream") = 0,
+        "AFIE entropy of each row of s [B, p] into out [B] (CPU or CUDA; no finiteness check).");
+  m.def("blas_info", &blas_info);
+}

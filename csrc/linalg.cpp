@@ -1,0 +1,204 @@
+#include "linalg.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "blas.h"
+
+namespace afie {
+namespace {
+
+// Runs f(i) for i in [0, count) on up to `threads` std::threads (contiguous slices).
+template <class F>
+void parallel_for(int64_t count, int threads, F&& f) {
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, count));
+  if (workers == 1) {
+    for (int64_t i = 0; i < count; ++i) f(i);
+    return;
+  }
+  std::vector<std::thread> pool;
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  for (int64_t t = 0; t < workers; ++t) {
+    pool.emplace_back([&, t] {
+      try {
+        for (int64_t i = t * count / workers; i < (t + 1) * count / workers; ++i) f(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        error = std::current_exception();
+      }
+    });
+  }
+  for (auto& th : pool) th.join();
+  if (error) std::rethrow_exception(error);
+}
+
+void check_info(int info, const char* routine) {
+  if (info != 0)
+    throw std::runtime_error(std::string(routine) + " failed (info = " + std::to_string(info) + ")");
+}
+
+// One dsyevd on a private copy; workspace sized by a query.
+struct Syevd {
+  int n;
+  bool vectors;
+  std::vector<double> a, work;
+  std::vector<int> iwork;
+
+  Syevd(int n_, bool vectors_) : n(n_), vectors(vectors_), a(size_t(n_) * n_) {
+    double wq = 0;
+    int iq = 0, info = 0, lw = -1, liw = -1;
+    AFIE_BLAS(dsyevd_)(vectors ? "V" : "N", "U", &n, a.data(), &n, nullptr, &wq, &lw, &iq, &liw, &info, 1, 1);
+    check_info(info, "dsyevd workspace query");
+    work.resize(size_t(wq) + 1);
+    iwork.resize(size_t(std::max(iq, 1)));
+  }
+
+  void operator()(const double* src, double* w, double* v) {
+    std::copy(src, src + a.size(), a.begin());  // row-major lower == column-major upper
+    int lw = int(work.size()), liw = int(iwork.size()), info = 0;
+    AFIE_BLAS(dsyevd_)(vectors ? "V" : "N", "U", &n, a.data(), &n, w, work.data(), &lw, iwork.data(), &liw, &info, 1, 1);
+    check_info(info, "dsyevd");
+    if (v)  // column-major eigenvectors → row-major with eigenvectors as columns
+      for (int r = 0; r < n; ++r)
+        for (int i = 0; i < n; ++i) v[size_t(r) * n + i] = a[r + size_t(i) * n];
+  }
+};
+
+// The root of Σ_i z_i / (e_i − x) = 0 strictly between the poles e[k] < e[k+1] (e holds
+// the active poles shifted so that one of these two is 0, which keeps the root's
+// distance to its nearest pole to full relative precision). Each step fits
+// a + s_lo/(e_k − x) + s_hi/(e_{k+1} − x) to the two halves of the sum (value and slope
+// at x) and takes that model's root; a bracket keeps every step inside the interval.
+double secular_root(const double* e, const double* z, int64_t P, int64_t k, double x) {
+  const double p = e[k], q = e[k + 1];
+  double lo = p, hi = q;
+  for (int it = 0; it < 64; ++it) {
+    double f_lo = 0, d_lo = 0, f_hi = 0, d_hi = 0;
+    for (int64_t i = 0; i <= k; ++i) {
+      const double r = 1.0 / (e[i] - x);
+      f_lo += z[i] * r;
+      d_lo += z[i] * r * r;
+    }
+    for (int64_t i = k + 1; i < P; ++i) {
+      const double r = 1.0 / (e[i] - x);
+      f_hi += z[i] * r;
+      d_hi += z[i] * r * r;
+    }
+    const double f = f_lo + f_hi;
+    if (f == 0) return x;
+    (f > 0 ? hi : lo) = x;  // f increases through the interval
+    const double s_lo = d_lo * (p - x) * (p - x), s_hi = d_hi * (q - x) * (q - x);
+    const double a = (f_lo - s_lo / (p - x)) + (f_hi - s_hi / (q - x));
+    // a(p−y)(q−y) + s_lo(q−y) + s_hi(p−y) = 0, written as A y² − B y + Cc = 0.
+    const double A = a, B = a * (p + q) + s_lo + s_hi, Cc = a * p * q + s_lo * q + s_hi * p;
+    double y;
+    if (std::fabs(A) * std::max(std::fabs(p), std::fabs(q)) <= 1e-300 + 1e-14 * std::fabs(B)) {
+      y = Cc / B;
+    } else {
+      const double disc = std::sqrt(std::max(B * B - 4 * A * Cc, 0.0));
+      const double t = 0.5 * (B + std::copysign(disc, B));
+      const double y1 = t / A, y2 = Cc / t;
+      y = (y1 > lo && y1 < hi) ? y1 : y2;
+    }
+    if (!(y > lo && y < hi)) y = 0.5 * (lo + hi);
+    const double step = std::fabs(y - x);
+    x = y;
+    if (step <= 4 * std::numeric_limits<double>::epsilon() * std::fabs(x) || hi - lo <= 2 * std::numeric_limits<double>::epsilon() * std::max(std::fabs(lo), std::fabs(hi)))
+      break;
+  }
+  return x;
+}
+
+// Eigenvalues of A with row/column j deleted, from A's eigenpairs; see leave_one_out_cpu.
+void leave_one_out_row(int64_t C, const double* w, const double* v, int64_t j, double* out) {
+  const double eps = std::numeric_limits<double>::epsilon();
+  const double scale = std::max(std::fabs(w[0]), std::fabs(w[C - 1]));
+  const double tol_equal = 8.0 * double(C) * eps * scale;  // eigenvalues this close are one
+  const double tol_weight = eps * eps;                     // a pole this light is deflated
+  std::vector<double> d, z;                                // active poles and their weights
+  d.reserve(C), z.reserve(C);
+  int64_t n_out = 0;
+  for (int64_t i = 0; i < C;) {
+    // A group of (numerically) equal eigenvalues: its multiplicity − 1 survive in A_j, and
+    // it acts as one pole weighted by the squared norm of its eigenvectors' j-components.
+    int64_t g = i;
+    double weight = 0;
+    while (g < C && w[g] - w[i] <= tol_equal) {
+      weight += v[j * C + g] * v[j * C + g];
+      ++g;
+    }
+    for (int64_t t = i + 1; t < g; ++t) out[n_out++] = w[i];
+    if (weight <= tol_weight) {
+      out[n_out++] = w[i];  // deflated: its eigenvalue stays too
+    } else {
+      d.push_back(w[i]);
+      z.push_back(weight);
+    }
+    i = g;
+  }
+  const int64_t P = int64_t(d.size());
+  std::vector<double> e(P);
+  for (int64_t k = 0; k + 1 < P; ++k) {
+    // Shift to the pole nearer the root (f at the midpoint says which half holds it).
+    const double mid = d[k] + 0.5 * (d[k + 1] - d[k]);
+    double f = 0;
+    for (int64_t i = 0; i < P; ++i) f += z[i] / (d[i] - mid);
+    const double origin = f > 0 ? d[k] : d[k + 1];
+    for (int64_t i = 0; i < P; ++i) e[i] = d[i] - origin;
+    out[n_out++] = origin + secular_root(e.data(), z.data(), P, k, mid - origin);
+  }
+  std::sort(out, out + n_out);
+}
+
+}  // namespace
+
+void eigh_batched_cpu(int64_t B, int64_t C, const double* a, double* w, double* v, int threads) {
+  if (B == 0 || C == 0) return;
+  const bool vectors = v != nullptr;
+  const size_t cc = size_t(C) * C;
+  if (B == 1 || threads <= 1) {
+    blas::use_threads(threads);
+    Syevd solve(int(C), vectors);
+    for (int64_t b = 0; b < B; ++b) solve(a + b * cc, w + b * C, vectors ? v + b * cc : nullptr);
+    return;
+  }
+  // Many matrices: one per thread beats OpenBLAS threading inside each small solve.
+  blas::use_threads(1);
+  const int64_t workers = std::min<int64_t>(threads, B);
+  parallel_for(workers, int(workers), [&](int64_t t) {
+    Syevd solve(int(C), vectors);
+    for (int64_t b = t * B / workers; b < (t + 1) * B / workers; ++b)
+      solve(a + b * cc, w + b * C, vectors ? v + b * cc : nullptr);
+  });
+  blas::use_threads(threads);
+}
+
+void singular_values_cpu(int64_t R, int64_t K, const double* m, double* s, int threads) {
+  if (R == 0 || K == 0) return;
+  blas::use_threads(threads);
+  // A row-major R×K matrix is a column-major K×R one: its transpose, same singular values.
+  int rows = int(K), cols = int(R), lda = int(K), one = 1, info = 0, lw = -1;
+  std::vector<double> a(m, m + R * K);
+  std::vector<int> iwork(8 * size_t(std::min(R, K)));
+  double wq = 0, dummy = 0;
+  AFIE_BLAS(dgesdd_)("N", &rows, &cols, a.data(), &lda, s, &dummy, &one, &dummy, &one, &wq, &lw, iwork.data(), &info, 1);
+  check_info(info, "dgesdd workspace query");
+  std::vector<double> work(size_t(wq) + 1);
+  lw = int(work.size());
+  AFIE_BLAS(dgesdd_)("N", &rows, &cols, a.data(), &lda, s, &dummy, &one, &dummy, &one, work.data(), &lw, iwork.data(), &info, 1);
+  check_info(info, "dgesdd");
+}
+
+void leave_one_out_cpu(int64_t C, const double* w, const double* v, double* out, int threads) {
+  if (C <= 1) return;  // deleting the only row leaves nothing
+  parallel_for(C, threads, [&](int64_t j) { leave_one_out_row(C, w, v, j, out + j * (C - 1)); });
+}
+
+}  // namespace afie

@@ -1,0 +1,113 @@
+"""CovarianceAccumulator against numpy's float64 np.cov."""
+import numpy as np
+import pytest
+import torch
+
+import afie_fast as af
+
+
+def reference_cov(batches):
+    """Plain float64 reference: every (n, h, w) position is an observation of C channels."""
+    x = np.concatenate([b.double().permute(0, 2, 3, 1).reshape(-1, b.shape[1]).numpy() for b in batches])
+    return x.mean(axis=0), np.cov(x, rowvar=False)
+
+
+def rel_err(a, b):
+    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+
+
+def random_splits(n, gen, parts=4):
+    cuts = sorted(torch.randperm(n - 1, generator=gen)[: parts - 1].add(1).tolist())
+    return [b - a for a, b in zip([0] + cuts, cuts + [n])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+def test_matches_np_cov(gen, dtype, layout):
+    base = torch.randn(23, 24, 9, 7, generator=gen, dtype=torch.float64) * torch.rand(24, 1, 1, generator=gen, dtype=torch.float64)
+    if layout == "sliced":
+        y = base.to(dtype)[:, ::2, 1:8:2, :]  # strided channels and rows: no single run
+        assert not y.is_contiguous()
+    elif layout == "channels_last":
+        y = base.to(dtype).contiguous(memory_format=torch.channels_last)
+    else:
+        y = base.to(dtype)
+    parts = torch.split(y, random_splits(y.shape[0], gen))
+    acc = af.CovarianceAccumulator(y.shape[1])
+    for p in parts:
+        acc.update(p)
+    mean, cov = reference_cov(parts)
+    assert acc.count == y.shape[0] * y.shape[2] * y.shape[3]
+    assert rel_err(acc.covariance().numpy(), cov) <= 1e-8
+    assert rel_err(acc.mean.numpy(), mean) <= 1e-8
+
+
+def test_large_means_unit_variance(gen):
+    # Channel means of 1e4 with unit variance: Σyyᵀ − nμμᵀ would lose ~8 digits here.
+    y = torch.randn(64, 16, 6, 6, generator=gen, dtype=torch.float64) + 1e4
+    acc = af.CovarianceAccumulator(16)
+    for p in torch.split(y, random_splits(64, gen, parts=7)):
+        acc.update(p)
+    _, cov = reference_cov([y])
+    assert rel_err(acc.covariance().numpy(), cov) <= 1e-8
+
+
+def test_one_batch_equals_many(gen):
+    y = torch.randn(64, 12, 5, 5, generator=gen) * 3 + 7
+    one = af.CovarianceAccumulator(12).update(y)
+    many = af.CovarianceAccumulator(12)
+    for i in range(64):
+        many.update(y[i : i + 1])
+    assert rel_err(many.covariance().numpy(), one.covariance().numpy()) <= 1e-10
+    assert rel_err(many.mean.numpy(), one.mean.numpy()) <= 1e-10
+
+
+@pytest.mark.parametrize("shape", [(50, 8), (20, 8, 11)])
+def test_2d_and_3d_batches(gen, shape):
+    y = torch.randn(*shape, generator=gen)
+    acc = af.CovarianceAccumulator(8).update(y)
+    y4 = y.reshape(*shape, *([1] * (4 - len(shape))))
+    assert rel_err(acc.covariance().numpy(), reference_cov([y4])[1]) <= 1e-10
+
+
+def test_merge_equals_single_stream(gen):
+    y = torch.randn(40, 10, 4, 4, generator=gen) * 2 + 5
+    a, b = af.CovarianceAccumulator(10), af.CovarianceAccumulator(10)
+    a.update(y[:13])
+    b.update(y[13:30]).update(y[30:])
+    a.merge(b)
+    _, cov = reference_cov([y])
+    assert a.count == 40 * 16
+    assert rel_err(a.covariance().numpy(), cov) <= 1e-10
+    empty = af.CovarianceAccumulator(10)
+    empty.merge(a)
+    assert rel_err(empty.covariance().numpy(), cov) <= 1e-12
+
+
+def test_float32_state(gen):
+    y = torch.randn(30, 6, 8, 8, generator=gen)
+    acc = af.CovarianceAccumulator(6, dtype=torch.float32).update(y)
+    assert acc.covariance().dtype == torch.float32
+    assert rel_err(acc.covariance().numpy(), reference_cov([y])[1]) <= 1e-5
+
+
+def test_state_dict_round_trip(gen):
+    y = torch.randn(10, 5, 3, 3, generator=gen)
+    acc = af.CovarianceAccumulator(5).update(y)
+    clone = af.CovarianceAccumulator(5)
+    clone.load_state_dict(acc.state_dict())
+    assert clone.count == acc.count
+    assert torch.equal(clone.covariance(), acc.covariance())
+    clone.update(y)  # keeps streaming from the loaded state
+    assert rel_err(clone.covariance().numpy(), reference_cov([y, y])[1]) <= 1e-10
+
+
+def test_numpy_arrays_reach_the_core(np_rng):
+    # The core reads any DLPack producer: here numpy, without torch tensors.
+    from afie_fast import _ext
+
+    y = np_rng.normal(size=(7, 4, 3, 3))
+    n, mean, m2 = np.zeros(1), np.zeros(4), np.zeros((4, 4))
+    _ext._C.comoments_update(y, n, mean, m2)
+    x = y.transpose(0, 2, 3, 1).reshape(-1, 4)
+    np.testing.assert_allclose(m2 / (n[0] - 1), np.cov(x, rowvar=False), rtol=1e-12)

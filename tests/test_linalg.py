@@ -1,0 +1,62 @@
+"""Eigensolves, singular values and leave-one-out spectra against numpy."""
+import numpy as np
+import pytest
+import torch
+
+from afie_fast import _ext
+
+
+def random_spd(rng, c, repeats=False):
+    q, _ = np.linalg.qr(rng.normal(size=(c, c)))
+    w = rng.uniform(0.1, 10.0, size=c)
+    if repeats and c >= 4:
+        w[: c // 3] = 2.5  # a multiple eigenvalue
+        w[-2:] = 7.0
+    return (q * w) @ q.T
+
+
+def test_eigh_batched_matches_numpy(np_rng):
+    a = np.stack([random_spd(np_rng, 17) for _ in range(5)])
+    w, v = _ext.eigh(torch.from_numpy(a), vectors=True)
+    np.testing.assert_allclose(w.numpy(), np.linalg.eigvalsh(a), rtol=1e-12, atol=1e-12)
+    # eigenvectors are columns: A V = V diag(w)
+    np.testing.assert_allclose(a @ v.numpy(), v.numpy() * w.numpy()[:, None, :], atol=1e-11)
+    w_only, none = _ext.eigh(torch.from_numpy(a))
+    assert none is None
+    np.testing.assert_allclose(w_only.numpy(), w.numpy(), atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(9, 4), (4, 9), (1, 5), (30, 30)])
+def test_singular_values_match_numpy(np_rng, shape):
+    m = np_rng.normal(size=shape)
+    s = _ext.singular_values(torch.from_numpy(m))
+    np.testing.assert_allclose(s.numpy(), np.linalg.svd(m, compute_uv=False), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("c", [1, 2, 7, 64, 300])
+@pytest.mark.parametrize("repeats", [False, True])
+def test_leave_one_out_matches_brute_force(np_rng, c, repeats):
+    a = random_spd(np_rng, c, repeats)
+    w, v = _ext.eigh(torch.from_numpy(a[None]), vectors=True)
+    out = _ext.leave_one_out(w[0], v[0]).numpy()
+    assert out.shape == (c, c - 1)
+    scale = np.abs(a).max()
+    rows = range(c) if c <= 64 else np_rng.choice(c, size=24, replace=False)
+    for j in rows:
+        keep = np.delete(np.arange(c), j)
+        ref = np.linalg.eigvalsh(a[np.ix_(keep, keep)])
+        np.testing.assert_allclose(out[j], ref, rtol=0, atol=1e-10 * scale)
+
+
+def test_leave_one_out_deflation_and_indefinite(np_rng):
+    # A block-diagonal matrix makes many eigenvector components exactly zero, and a
+    # negative eigenvalue checks that nothing assumes a PSD input.
+    c = 12
+    a = np.zeros((c, c))
+    a[:6, :6] = random_spd(np_rng, 6)
+    a[6:, 6:] = random_spd(np_rng, 6, repeats=True) - 3.0 * np.eye(6)
+    w, v = _ext.eigh(torch.from_numpy(a[None]), vectors=True)
+    out = _ext.leave_one_out(w[0], v[0]).numpy()
+    for j in range(c):
+        keep = np.delete(np.arange(c), j)
+        np.testing.assert_allclose(out[j], np.linalg.eigvalsh(a[np.ix_(keep, keep)]), atol=1e-10 * np.abs(a).max())
