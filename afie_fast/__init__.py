@@ -3,6 +3,8 @@ from importlib.metadata import PackageNotFoundError, version as _version
 
 from .accumulator import CovarianceAccumulator
 from .entropy import afie_from_spectrum, backend_info
+from .report import AFIEReport, LayerScore
+from .scoring import score
 
 try:
     __version__ = _version("afie_fast")
@@ -11,4 +13,5 @@ except PackageNotFoundError:  # pragma: no cover
 
     __version__ = _core.__version__
 
-__all__ = ["CovarianceAccumulator", "afie_from_spectrum", "backend_info", "__version__"]
+__all__ = ["AFIEReport", "CovarianceAccumulator", "LayerScore", "afie_from_spectrum", "backend_info", "score",
+           "__version__"]

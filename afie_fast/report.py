@@ -1,0 +1,235 @@
+"""AFIEReport: per-layer AFIE scores, the paper's ratio allocation, save/load and plots."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+FORMAT = "afie_fast.report"
+VERSION = 1
+MAX_RATIO = 0.99  # the paper's cap on a layer's pruning ratio
+
+
+@dataclass(frozen=True)
+class LayerScore:
+    """AFIE of one Conv2d layer.
+
+    Attributes:
+        name: the module's qualified name in the model.
+        n_filters: output channels c_l.
+        entropy: K_l, natural-log entropy of the softmax of the min-max spectrum.
+        afie: K_l / c_l.
+        spectrum: the layer's spectrum s (descending): singular values of the
+            kernel-averaged weights, or square roots of the activation covariance's
+            eigenvalues.
+        filter_scores: criterion name → one importance per filter (higher = keep).
+        n_samples: activation observations (N·H·W summed over batches); 0 for weights.
+        shape_baseline: ln(p) / c_l, the AFIE a flat spectrum of the same length gives.
+            After min-max and softmax K_l lies within ~0.12 nats of ln p, so compare
+            every AFIE with this to see how much of it is layer shape.
+    """
+
+    name: str
+    n_filters: int
+    entropy: float
+    afie: float
+    spectrum: tuple[float, ...]
+    filter_scores: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    n_samples: int = 0
+    shape_baseline: float = 0.0
+
+
+class AFIEReport:
+    """The result of :func:`afie_fast.score`: an ordered mapping of layer name → LayerScore."""
+
+    def __init__(self, layers: Mapping[str, LayerScore] | list[LayerScore], source: str,
+                 meta: dict[str, Any] | None = None) -> None:
+        items = list(layers.values()) if isinstance(layers, Mapping) else list(layers)
+        if not items:
+            raise ValueError("a report needs at least one layer")
+        self.layers: dict[str, LayerScore] = {ls.name: ls for ls in items}
+        self.source = source
+        self.meta = dict(meta or {})
+
+    def __iter__(self) -> Iterator[LayerScore]:
+        return iter(self.layers.values())
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        return f"AFIEReport(source={self.source!r}, layers={len(self)})"
+
+    # ---- the paper's allocation -------------------------------------------------------
+    def max_target(self) -> float:
+        """The largest target ``ratios``/``counts`` accept: every layer at its cap, with at
+        least one filter kept per layer."""
+        total = sum(ls.n_filters for ls in self)
+        removable = sum(min(MAX_RATIO * ls.n_filters, ls.n_filters - 1) for ls in self)
+        return removable / total
+
+    def ratios(self, target: float = 0.5) -> dict[str, float]:
+        """Layer pruning ratios λ_l = min(λ_min · AFIE_max / AFIE_l, 0.99), with λ_min solved
+        exactly so that Σ λ_l c_l = target · Σ c_l (Lu et al., 2024). Layers with AFIE 0 get
+        0.99. Raises ValueError for a target above :meth:`max_target`."""
+        return allocate_ratios({ls.name: (ls.afie, ls.n_filters) for ls in self}, target, self.max_target())
+
+    def counts(self, target: float = 0.5) -> dict[str, int]:
+        """Whole filters to remove per layer: the ratios turned into counts that sum to
+        round(target · Σ c_l) exactly (largest remainder), keeping ≥ 1 filter per layer."""
+        ratios = self.ratios(target)
+        return round_counts({n: ratios[n] * ls.n_filters for n, ls in self.layers.items()},
+                            {n: ls.n_filters - 1 for n, ls in self.layers.items()},
+                            round(target * sum(ls.n_filters for ls in self)))
+
+    # ---- presentation -----------------------------------------------------------------
+    def summary(self, target: float = 0.5) -> str:
+        """A plain-text table: layer, filters, samples, K, AFIE, shape baseline, ratio."""
+        try:
+            ratios = self.ratios(target)
+        except ValueError:
+            ratios = {}
+        head = ("layer", "filters", "samples", "K", "AFIE", "ln(p)/c", f"ratio@{target:.0%}")
+        rows = [(ls.name, str(ls.n_filters), f"{ls.n_samples:,}", f"{ls.entropy:.4f}", f"{ls.afie:.5f}",
+                 f"{ls.shape_baseline:.5f}", f"{ratios[ls.name]:.3f}" if ratios else "-") for ls in self]
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        lines = [f"AFIE report ({self.source}, {len(self)} layers)", fmt(head), fmt(["-" * w for w in widths])]
+        return "\n".join(lines + [fmt(r) for r in rows])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "source": self.source, "meta": self.meta,
+                "layers": [{**asdict(ls), "spectrum": list(ls.spectrum),
+                            "filter_scores": {k: list(v) for k, v in ls.filter_scores.items()}} for ls in self]}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the report as JSON (floats round-trip bit-exactly)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), allow_nan=False))
+        return path
+
+    @classmethod
+    def from_dict(cls, data: Any, origin: str = "report") -> "AFIEReport":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"{origin}: not an afie_fast report (format {FORMAT!r} expected)")
+        version = data.get("version")
+        if not isinstance(version, int) or version > VERSION:
+            raise ValueError(f"{origin}: report format version {version!r} is newer than this afie_fast reads "
+                             f"({VERSION}); upgrade afie_fast")
+        try:
+            layers = [LayerScore(name=str(d["name"]), n_filters=int(d["n_filters"]), entropy=float(d["entropy"]),
+                                 afie=float(d["afie"]), spectrum=tuple(float(x) for x in d["spectrum"]),
+                                 filter_scores={str(k): tuple(float(x) for x in v) for k, v in d["filter_scores"].items()},
+                                 n_samples=int(d["n_samples"]), shape_baseline=float(d["shape_baseline"]))
+                      for d in data["layers"]]
+            return cls(layers, source=str(data["source"]), meta=dict(data.get("meta", {})))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{origin}: corrupt afie_fast report ({type(exc).__name__}: {exc})") from exc
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AFIEReport":
+        """Read a report written by :meth:`save`; a foreign, truncated or newer file is a ValueError."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON, truncated or not an afie_fast report ({exc})") from exc
+        return cls.from_dict(data, origin=str(path))
+
+    def plot(self, path: str | Path) -> Path:
+        """Save a PNG: per-layer AFIE against the shape baseline, and the normalised spectra."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as exc:
+            raise ImportError("report.plot needs matplotlib: pip install 'afie_fast[plot]'") from exc
+        names = list(self.layers)
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+        x = range(len(names))
+        ax1.plot(x, [ls.afie for ls in self], "o-", label="AFIE")
+        ax1.plot(x, [ls.shape_baseline for ls in self], "x--", label="ln(p)/c (flat spectrum)")
+        ax1.set_xticks(list(x), names, rotation=60, ha="right", fontsize=7)
+        ax1.set_yscale("log")
+        ax1.set_title(f"AFIE per layer ({self.source})")
+        ax1.legend()
+        for ls in self:
+            s = list(ls.spectrum)
+            span = (max(s) - min(s)) or 1.0
+            ax2.plot([i / max(len(s) - 1, 1) for i in range(len(s))], [(v - min(s)) / span for v in s], lw=1)
+        ax2.set_xlabel("rank / (p − 1)")
+        ax2.set_ylabel("min-max normalised spectrum")
+        ax2.set_title("spectra")
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+def allocate_ratios(afie_and_width: Mapping[str, tuple[float, int]], target: float, max_target: float) -> dict[str, float]:
+    """The paper's allocation, solved exactly (piecewise-linear in λ_min).
+
+    afie_and_width: name → (AFIE_l, c_l). Layers with AFIE 0 sit at the cap.
+    """
+    if not isinstance(target, (int, float)) or not 0.0 <= target <= 1.0 or math.isnan(target):
+        raise ValueError(f"target must be a fraction in [0, 1], got {target!r}")
+    if target > max_target + 1e-12:
+        raise ValueError(f"target {target} is infeasible: the largest feasible target is {max_target:.4f} "
+                         f"(each layer capped at {MAX_RATIO} and keeping at least one filter)")
+    total = sum(c for _, c in afie_and_width.values())
+    a_max = max(a for a, _ in afie_and_width.values())
+    fixed = {n for n, (a, _) in afie_and_width.items() if a <= 0}
+    if a_max <= 0 or target == 0:
+        return {n: (MAX_RATIO if n in fixed and target > 0 else 0.0) for n in afie_and_width}
+    # r_l = AFIE_max / AFIE_l; raising λ_min caps the largest r_l first.
+    rel = sorted(((a_max / a, c, n) for n, (a, c) in afie_and_width.items() if n not in fixed), reverse=True)
+    need = target * total - MAX_RATIO * sum(afie_and_width[n][1] for n in fixed)
+    lam = 0.0
+    capped_width = 0.0
+    free = sum(r * c for r, c, _ in rel)  # Σ r_l c_l over uncapped layers
+    for k in range(len(rel) + 1):
+        if free > 0:
+            lam = max(need - MAX_RATIO * capped_width, 0.0) / free
+            if k == len(rel) or lam * rel[k][0] <= MAX_RATIO:
+                break
+        if k == len(rel):
+            break
+        capped_width += rel[k][1]
+        free -= rel[k][0] * rel[k][1]
+    out = {n: MAX_RATIO for n in fixed}
+    for r, _, n in rel:
+        out[n] = min(lam * r, MAX_RATIO)
+    return {n: out[n] for n in afie_and_width}
+
+
+def round_counts(ideal: Mapping[str, float], caps: Mapping[str, int], total: int) -> dict[str, int]:
+    """Integers near ``ideal`` that sum to ``total`` exactly (largest remainder), each
+    within [0, caps[name]]."""
+    counts = {n: min(int(math.floor(v)), caps[n]) for n, v in ideal.items()}
+    left = total - sum(counts.values())
+    # Hand out the rest by largest fractional part, then to whoever still has room.
+    order = sorted(ideal, key=lambda n: (ideal[n] - math.floor(ideal[n]), ideal[n]), reverse=True)
+    while left > 0:
+        progressed = False
+        for n in order:
+            if left == 0:
+                break
+            if counts[n] < caps[n]:
+                counts[n] += 1
+                left -= 1
+                progressed = True
+        if not progressed:
+            raise ValueError(f"cannot remove {total} filters while keeping one per layer")
+    while left < 0:  # rounding up overshot (ideal was above the cap)
+        for n in reversed(order):
+            if left == 0:
+                break
+            if counts[n] > 0:
+                counts[n] -= 1
+                left += 1
+    return counts

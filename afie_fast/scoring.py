@@ -1,0 +1,268 @@
+"""afie_fast.score: stream a loader through a model's Conv2d layers, or read their weights."""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import _ext
+from .accumulator import CovarianceAccumulator
+from .report import AFIEReport, LayerScore
+
+SOURCES = ("activations", "weights")
+ACTIVATION_CRITERIA = ("l1", "variance", "independence")
+LayerSelector = Sequence[str] | Callable[[str, nn.Conv2d], bool] | None
+
+
+def select_convs(model: nn.Module, layers: LayerSelector = None) -> dict[str, nn.Conv2d]:
+    """The model's Conv2d modules by qualified name, narrowed by names or a predicate."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    if not convs:
+        raise ValueError(f"{type(model).__name__} has no nn.Conv2d layers to score")
+    if layers is None:
+        return convs
+    if callable(layers):
+        chosen = {n: m for n, m in convs.items() if layers(n, m)}
+    else:
+        if isinstance(layers, str):
+            layers = [layers]
+        unknown = [n for n in layers if n not in convs]
+        if unknown:
+            known = ", ".join(list(convs)[:12]) + (" …" if len(convs) > 12 else "")
+            raise ValueError(f"layers: {unknown} are not Conv2d layers of the model (it has: {known})")
+        chosen = {n: convs[n] for n in convs if n in set(layers)}
+    if not chosen:
+        raise ValueError("layers: the selection matched no Conv2d layer")
+    return chosen
+
+
+def model_input(batch: Any, input_fn: Callable[[Any], Any] | None = None) -> torch.Tensor:
+    """The model input in a batch: a tensor, the first tensor of a tuple/list, batch["input"],
+    or whatever input_fn(batch) returns."""
+    if input_fn is not None:
+        batch = input_fn(batch)
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)):
+        for item in batch:
+            if isinstance(item, torch.Tensor):
+                return item
+    if isinstance(batch, dict):
+        if isinstance(batch.get("input"), torch.Tensor):
+            return batch["input"]
+        raise TypeError(f"a dict batch needs a tensor under 'input' (it has keys {sorted(map(str, batch))}); "
+                        "or pass input_fn=")
+    raise TypeError(f"a batch must be a tensor, a tuple/list holding one, or a dict with 'input'; got "
+                    f"{type(batch).__name__} (pass input_fn= to extract the input)")
+
+
+@contextmanager
+def scoring_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration, each submodule's own train/eval flag restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def weight_spectrum(conv: nn.Conv2d) -> torch.Tensor:
+    """The paper's data-free spectrum: singular values of the kernel-averaged weight
+    (c_l, I/g, kh, kw) → (c_l, I/g)."""
+    return _ext.singular_values(conv.weight.detach().to("cpu", torch.float64).mean(dim=(2, 3)))
+
+
+def l1_scores(conv: nn.Conv2d) -> torch.Tensor:
+    """L1 norm of each filter's weights."""
+    return conv.weight.detach().to("cpu", torch.float64).abs().flatten(1).sum(1)
+
+
+def activation_spectrum(w: torch.Tensor) -> torch.Tensor:
+    """s_i = √max(e_i, 0) for the covariance eigenvalues e, with eigenvalues under the
+    rounding floor C·ε·max e set to 0 (numpy's matrix_rank tolerance): below it an
+    eigenvalue is noise, and its square root (~√ε) would make AFIE depend on the order
+    in which batches were merged."""
+    floor = w.numel() * torch.finfo(torch.float64).eps * w.max().clamp(min=0)
+    return torch.where(w > floor, w, torch.zeros_like(w)).sqrt()
+
+
+def independence_scores(cov: torch.Tensor, w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Drop in Σ_i s_i (s = √eig Σ) when channel j is deleted: CHIP's channel independence
+    in covariance form, from the core's leave-one-out spectra."""
+    if cov.shape[0] == 1:
+        return activation_spectrum(w)
+    return activation_spectrum(w).sum() - _ext.leave_one_out(w, v).clamp(min=0).sqrt().sum(dim=1)
+
+
+def _layer_score(name: str, conv: nn.Conv2d, spectrum: torch.Tensor, filter_scores: dict[str, torch.Tensor],
+                 n_samples: int) -> LayerScore:
+    c = conv.out_channels
+    k = _ext.spectrum_entropy(spectrum)
+    return LayerScore(name=name, n_filters=c, entropy=k, afie=k / c,
+                      spectrum=tuple(spectrum.sort(descending=True).values.tolist()),
+                      filter_scores={key: tuple(v.tolist()) for key, v in filter_scores.items()},
+                      n_samples=n_samples, shape_baseline=math.log(spectrum.numel()) / c)
+
+
+def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    for t in model.parameters():
+        return t.device
+    return torch.device("cpu")
+
+
+def score(model: nn.Module, loader: Iterable | None = None, *, source: str | None = None,
+          layers: LayerSelector = None, max_batches: int | None = None, device: torch.device | str | None = None,
+          progress: bool = True, distributed: bool = False, input_fn: Callable[[Any], Any] | None = None,
+          criteria: Sequence[str] | None = None) -> AFIEReport:
+    """Score every Conv2d of ``model`` with AFIE.
+
+    Args:
+        model: any nn.Module with Conv2d layers; never changed (eval mode while scoring,
+            each module's mode restored, hooks removed even on error).
+        loader: an iterable of batches (a tensor, a tuple/list whose first tensor is the
+            input, or a dict with "input"). Needed for ``source="activations"``.
+        source: "activations" (default with a loader): spectrum of each layer's output
+            covariance over the loader; "weights" (default without one): the paper's
+            data-free spectrum of the kernel-averaged weights.
+        layers: Conv2d names, or a predicate ``(name, module) -> bool``; default all.
+        max_batches: stop after this many batches.
+        device: where the model runs; default the device of its parameters.
+        progress: show a tqdm bar and a one-line summary.
+        distributed: merge every rank's accumulators (torch.distributed must be
+            initialised) so that all ranks get the same report.
+        input_fn: maps a batch to the model input.
+        criteria: within-layer filter scores to compute for activations, from
+            ("l1", "variance", "independence"); default ("l1", "variance").
+            "independence" costs one O(C³) leave-one-out solve per layer.
+
+    Returns:
+        AFIEReport with one LayerScore per selected Conv2d, in model order.
+    """
+    source = source or ("activations" if loader is not None else "weights")
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
+    convs = select_convs(model, layers)
+    meta = {"model": type(model).__name__, "afie_fast": _ext._C.__version__}
+    if source == "weights":
+        report = AFIEReport([_layer_score(n, c, weight_spectrum(c), {"l1": l1_scores(c)}, 0) for n, c in convs.items()],
+                            source="weights", meta=meta)
+        if progress:
+            print(f"afie_fast: scored {len(report)} conv layers from their weights")
+        return report
+    if loader is None:
+        raise ValueError("source='activations' needs a loader")
+    criteria = tuple(criteria or ("l1", "variance"))
+    bad = [c for c in criteria if c not in ACTIVATION_CRITERIA]
+    if bad:
+        raise ValueError(f"criteria: unknown {bad}; choose from {ACTIVATION_CRITERIA}")
+    if max_batches is not None and (not isinstance(max_batches, int) or max_batches <= 0):
+        raise ValueError(f"max_batches must be a positive int, got {max_batches!r}")
+    if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise RuntimeError("distributed=True needs torch.distributed to be initialised first")
+
+    dev = _resolve_device(model, device)
+    accs, n_batches, seconds = stream_activations(model, loader, convs, dev, max_batches, progress, input_fn)
+    if distributed:
+        for acc in accs.values():
+            all_reduce_accumulator(acc)
+
+    layer_scores = []
+    for name, conv in convs.items():
+        acc = accs[name]
+        cov = acc.covariance().to("cpu", torch.float64)
+        need_vectors = "independence" in criteria
+        w, v = _ext.eigh(cov, vectors=need_vectors)
+        scores: dict[str, torch.Tensor] = {}
+        if "l1" in criteria:
+            scores["l1"] = l1_scores(conv)
+        if "variance" in criteria:
+            scores["variance"] = cov.diagonal().clone()
+        if need_vectors:
+            scores["independence"] = independence_scores(cov, w, v)
+        layer_scores.append(_layer_score(name, conv, activation_spectrum(w), scores, acc.count))
+    meta.update(batches=n_batches, seconds=round(seconds, 3))
+    report = AFIEReport(layer_scores, source="activations", meta=meta)
+    if progress:
+        obs = sum(ls.n_samples for ls in report)
+        print(f"afie_fast: scored {len(report)} conv layers on {n_batches} batches "
+              f"({obs:,} activation vectors) in {seconds:.2f} s")
+    return report
+
+
+def stream_activations(model: nn.Module, loader: Iterable, convs: dict[str, nn.Conv2d], device: torch.device,
+                       max_batches: int | None, progress: bool, input_fn) -> tuple[dict[str, CovarianceAccumulator], int, float]:
+    """One pass over the loader with a forward hook on each conv feeding its accumulator."""
+    acc_dtype = torch.float64 if device.type == "cpu" else torch.float32
+    accs = {n: CovarianceAccumulator(c.out_channels, device=device, dtype=acc_dtype) for n, c in convs.items()}
+    batch_index = 0
+
+    def hook_for(name: str):
+        def hook(_module, _inputs, output):
+            try:
+                accs[name].update(output)
+            except ValueError as exc:
+                raise ValueError(f"layer {name!r}, batch {batch_index}: {exc}") from None
+        return hook
+
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        tqdm = None
+    total = len(loader) if hasattr(loader, "__len__") else None
+    if total is not None and max_batches is not None:
+        total = min(total, max_batches)
+    bar = tqdm(total=total, desc="afie_fast score", unit="batch", disable=not progress or tqdm is None) if tqdm else None
+
+    handles = [conv.register_forward_hook(hook_for(name)) for name, conv in convs.items()]
+    start = time.perf_counter()
+    try:
+        with scoring_mode(model), torch.inference_mode():
+            for batch in loader:
+                if max_batches is not None and batch_index >= max_batches:
+                    break
+                x = model_input(batch, input_fn).to(device, non_blocking=True)
+                model(x)
+                batch_index += 1
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        for h in handles:
+            h.remove()
+        if bar is not None:
+            bar.close()
+    if batch_index == 0:
+        raise ValueError("the loader yielded no batches")
+    for name, acc in accs.items():
+        try:
+            acc.count  # on CUDA, surfaces NaN/Inf batches the device skipped
+        except ValueError as exc:
+            raise ValueError(f"layer {name!r}: {exc}") from None
+    return accs, batch_index, time.perf_counter() - start
+
+
+def all_reduce_accumulator(acc: CovarianceAccumulator) -> None:
+    """Merge every rank's state into ``acc`` on all ranks, in rank order (so all agree)."""
+    dist = torch.distributed
+    state = acc.state_dict()
+    gathered = []
+    for key in ("n", "mean", "m2"):
+        t = state[key].to(torch.float64)
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t)
+        gathered.append(parts)
+    merged = CovarianceAccumulator(acc.channels, device=acc.device, dtype=acc.dtype)
+    for n, mean, m2 in zip(*gathered):
+        part = CovarianceAccumulator(acc.channels, device=acc.device, dtype=acc.dtype)
+        part.load_state_dict({"n": n, "mean": mean.to(acc.dtype), "m2": m2.to(acc.dtype)})
+        merged.merge(part)
+    acc.load_state_dict(merged.state_dict())
