@@ -4,6 +4,7 @@ from importlib.metadata import PackageNotFoundError, version as _version
 from .accumulator import CovarianceAccumulator
 from .entropy import afie_from_spectrum, backend_info
 from .report import AFIEReport, LayerScore
+from .pruning import AFIEImportance, PruneStats, load_pruned, prune, save_pruned
 from .scoring import score
 
 try:
@@ -13,5 +14,5 @@ except PackageNotFoundError:  # pragma: no cover
 
     __version__ = _core.__version__
 
-__all__ = ["AFIEReport", "CovarianceAccumulator", "LayerScore", "afie_from_spectrum", "backend_info", "score",
-           "__version__"]
+__all__ = ["AFIEImportance", "AFIEReport", "CovarianceAccumulator", "LayerScore", "PruneStats", "afie_from_spectrum",
+           "backend_info", "load_pruned", "prune", "save_pruned", "score", "__version__"]

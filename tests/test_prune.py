@@ -1,0 +1,188 @@
+"""prune(): physically smaller models through torch-pruning."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch_pruning as tp
+from torch import nn
+
+import afie_fast as af
+from afie_fast.models import digits_cnn
+from nets import ARCHS, loader, randomised
+
+X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+
+
+def scored(arch, **kw):
+    torch.manual_seed(0)
+    model = randomised(ARCHS[arch]())
+    return model, af.score(model, loader(n_batches=2), progress=False, **kw)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_pruned_model_runs_smaller_and_original_untouched(arch):
+    model, report = scored(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    y0 = model.eval()(X)
+    pruned, stats = af.prune(model, report, target=0.5, example_inputs=X)
+    assert pruned(X).shape == y0.shape
+    macs, params = tp.utils.count_ops_and_params(pruned, X)
+    assert (stats.macs_after, stats.params_after) == (round(macs), params)
+    assert stats.params_after < stats.params_before and stats.macs_after < stats.macs_before
+    assert sum(p.numel() for p in pruned.parameters()) == params
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the caller's model is untouched
+    assert torch.equal(model(X), y0)
+    for name, (b, a) in stats.kept.items():
+        assert dict(pruned.named_modules())[name].out_channels == a <= b
+
+
+def test_counts_follow_the_report_and_lowest_filters_go():
+    model, report = scored("vgg")
+    counts = report.counts(0.5)
+    for criterion in ("l1", "variance"):
+        pruned, stats = af.prune(model, report, target=0.5, example_inputs=X, criterion=criterion)
+        assert stats.reached == pytest.approx(sum(counts.values()) / sum(ls.n_filters for ls in report))
+        for name, ls in report.layers.items():
+            conv, new = dict(model.named_modules())[name], dict(pruned.named_modules())[name]
+            assert new.out_channels == ls.n_filters - counts[name]
+            scores = (conv.weight.detach().double().abs().sum((1, 2, 3)) if criterion == "l1"
+                      else torch.tensor(ls.filter_scores["variance"]))
+            keep = sorted(sorted(range(ls.n_filters), key=lambda j: (scores[j].item(), j))[counts[name]:])
+            if name == "0":  # the first conv keeps its input channels: rows are comparable
+                torch.testing.assert_close(new.weight, conv.weight[keep])
+            torch.testing.assert_close(new.weight.sum((1, 2, 3)).shape[0], len(keep))
+
+
+def test_random_criterion_is_seeded():
+    model, report = scored("vgg")
+    a, _ = af.prune(model, report, target=0.4, example_inputs=X, criterion="random", seed=3)
+    b, _ = af.prune(model, report, target=0.4, example_inputs=X, criterion="random", seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_independence_criterion():
+    model, report = scored("vgg", criteria=("l1", "variance", "independence"))
+    pruned, _ = af.prune(model, report, target=0.5, example_inputs=X, criterion="independence")
+    first = dict(model.named_modules())["0"]
+    k = report.counts(0.5)["0"]
+    s = torch.tensor(report.layers["0"].filter_scores["independence"])
+    keep = sorted(sorted(range(8), key=lambda j: (s[j].item(), j))[k:])
+    torch.testing.assert_close(dict(pruned.named_modules())["0"].weight, first.weight[keep])
+
+
+def test_residual_stream_whole_unless_asked():
+    model, report = scored("resnet_bottleneck")
+    pruned, stats = af.prune(model, report, target=0.5, example_inputs=X)
+    for name in ("layer1.0.conv3", "layer1.0.downsample.0", "layer2.0.conv3", "stem.0"):
+        if name in stats.kept:
+            b, a = stats.kept[name]
+            assert a == b or name == "stem.0"
+    assert stats.kept["layer1.0.conv1"][1] < stats.kept["layer1.0.conv1"][0]  # inner convs are pruned
+    assert "layer1.0.conv3" in stats.skipped
+    pruned_r, stats_r = af.prune(model, report, target=0.5, example_inputs=X, prune_residual=True)
+    assert stats_r.kept["layer1.0.conv3"][1] < stats_r.kept["layer1.0.conv3"][0]
+    assert stats_r.kept["layer1.0.conv3"][1] == stats_r.kept["layer1.0.downsample.0"][1]  # one cut for the add
+    assert pruned_r(X).shape == (2, 5)
+
+
+def test_coupled_depthwise_gets_smallest_ratio_and_summed_scores():
+    model, report = scored("depthwise_separable")
+    pruned, stats = af.prune(model, report, target=0.5, example_inputs=X)
+    assert stats.kept["conv"][1] == stats.kept["dw"][1]
+    ratios = report.ratios(0.5)
+    assert stats.kept["conv"][0] - stats.kept["conv"][1] <= round(min(ratios["conv"], ratios["dw"]) * 16) + 1
+    # which filters: lowest summed L1 of the pair
+    conv, dw = model.conv, model.dw
+    s = conv.weight.detach().double().abs().sum((1, 2, 3)) + dw.weight.detach().double().abs().sum((1, 2, 3))
+    k = 16 - stats.kept["conv"][1]
+    keep = sorted(sorted(range(16), key=lambda j: (s[j].item(), j))[k:])
+    torch.testing.assert_close(pruned.conv.weight, conv.weight[keep])
+
+
+def test_flops_and_params_targets_within_one_percent():
+    torch.manual_seed(0)
+    model = digits_cnn()
+    x = torch.randn(4, 1, 8, 8)
+    report = af.score(model, [x, x + 1], progress=False)
+    for unit in ("flops", "params"):
+        pruned, stats = af.prune(model, report, target=0.4, unit=unit, example_inputs=x)
+        before, after = (stats.macs_before, stats.macs_after) if unit == "flops" else (stats.params_before, stats.params_after)
+        assert abs((1 - after / before) - 0.4) <= 0.01
+        assert stats.reached == pytest.approx(1 - after / before)
+
+
+def test_save_load_round_trip_no_pickle(tmp_path):
+    model, report = scored("resnet_basic")
+    pruned, _ = af.prune(model, report, target=0.5, example_inputs=X)
+    path = af.save_pruned(pruned, tmp_path / "pruned.safetensors")
+    assert b"pickle" not in path.read_bytes()[:64]
+    fresh = randomised(ARCHS["resnet_basic"](), seed=9)  # same architecture, other weights
+    loaded = af.load_pruned(fresh, path)
+    pruned.eval(), loaded.eval()
+    assert torch.equal(loaded(X), pruned(X))
+    with pytest.raises(ValueError, match="another model"):
+        af.load_pruned(ARCHS["vgg"](), path)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(ValueError, match="not a pruned model"):
+        af.load_pruned(fresh, tmp_path / "junk.safetensors")
+    with pytest.raises(ValueError, match="returned by afie_fast.prune"):
+        af.save_pruned(model, tmp_path / "x.safetensors")
+
+
+def test_export_and_trace():
+    model, report = scored("concat")
+    pruned, _ = af.prune(model, report, target=0.5, example_inputs=X)
+    pruned.eval()
+    exported = torch.export.export(pruned, (X,))
+    torch.testing.assert_close(exported.module()(X), pruned(X))
+    with warnings.catch_warnings():  # torch 2.13 deprecates jit.trace; it must still work
+        warnings.simplefilter("ignore", DeprecationWarning)
+        traced = torch.jit.trace(pruned, X)
+    torch.testing.assert_close(traced(X), pruned(X))
+
+
+def test_onnx_export(tmp_path):
+    pytest.importorskip("onnx", reason="optional extra: pip install 'afie_fast[onnx]'")
+    model, report = scored("vgg")
+    pruned, _ = af.prune(model, report, target=0.5, example_inputs=X)
+    torch.onnx.export(pruned.eval(), (X,), str(tmp_path / "m.onnx"))
+    assert (tmp_path / "m.onnx").stat().st_size > 0
+
+
+def test_afie_importance_drives_metapruner():
+    model, report = scored("vgg")
+    imp = af.AFIEImportance(report, criterion="variance")
+    modules = dict(model.named_modules())
+    ratios = report.ratios(0.5)
+    pruner = tp.pruner.MetaPruner(model, X, importance=imp, pruning_ratio_dict={modules[n]: r for n, r in ratios.items()},
+                                  ignored_layers=[modules["9"] if "9" in modules else model[-1]])
+    group = next(g for g in pruner.DG.get_all_groups(root_module_types=[nn.Conv2d]) if g[0].dep.target.module is modules["0"])
+    scores = imp(group)
+    np.testing.assert_allclose(scores.numpy(), np.float32(report.layers["0"].filter_scores["variance"]), rtol=1e-6)
+    pruner.step()
+    assert model(X).shape == (2, 5)
+    assert modules["0"].out_channels < 8  # MetaPruner removed filters by AFIE ratio and importance
+
+
+def test_bad_inputs():
+    model, report = scored("vgg")
+    with pytest.raises(ValueError, match="does not match this model"):
+        af.prune(ARCHS["resnet_basic"](), report, example_inputs=X)
+    wide = nn.Sequential(nn.Conv2d(3, 9, 3, padding=1), nn.BatchNorm2d(9), nn.ReLU(), nn.Conv2d(9, 12, 3, padding=1))
+    with pytest.raises(ValueError, match=r"0 \(8 in the report, 9 in the model\)"):
+        af.prune(wide, report, example_inputs=X)
+    with pytest.raises(ValueError, match="target must be a fraction"):
+        af.prune(model, report, target=1.5, example_inputs=X)
+    with pytest.raises(ValueError, match="largest feasible target"):
+        af.prune(model, report, target=0.99, example_inputs=X)
+    weights = af.score(model, progress=False)
+    with pytest.raises(ValueError, match="needs variance scores.*with a loader"):
+        af.prune(model, weights, criterion="variance", example_inputs=X)
+    with pytest.raises(ValueError, match="criteria=.*independence"):
+        af.prune(model, report, criterion="independence", example_inputs=X)
+    with pytest.raises(ValueError, match="unit"):
+        af.prune(model, report, unit="bytes", example_inputs=X)
+    with pytest.raises(TypeError, match="example_inputs"):
+        af.prune(model, report)  # type: ignore[call-arg]
