@@ -136,7 +136,8 @@ def _unit_scores(unit: _Unit, report: AFIEReport, convs, criterion: str, seed: i
 
 
 def _prune_copy(model: nn.Module, report: AFIEReport, filter_target: float, example_inputs: torch.Tensor,
-                criterion: str, prune_residual: bool, ignored_layers, seed: int, clamp: bool = False):
+                criterion: str, prune_residual: bool, ignored_layers, seed: int, clamp: bool = False,
+                allocation: str = "afie"):
     """Prune a deep copy to `filter_target` of its prunable filters (clamped to what the
     caps allow when `clamp`)."""
     pruned = copy.deepcopy(model)
@@ -154,7 +155,8 @@ def _prune_copy(model: nn.Module, report: AFIEReport, filter_target: float, exam
         max_target = sum(min(MAX_RATIO * u.width, u.width - 1) for u in units) / total
         if clamp:
             filter_target = min(filter_target, max_target)
-        ratios = allocate_ratios(afies, filter_target, max_target)
+        ratios = (allocate_ratios(afies, filter_target, max_target) if allocation == "afie"
+                  else {k: filter_target for k in afies})  # "uniform": the baseline the paper beats
         counts = round_counts({k: ratios[k] * w for k, (_, w) in afies.items()},
                               {key(i): u.width - 1 for i, u in enumerate(units)}, round(filter_target * total))
         before = {n: m.out_channels for n, m in convs.items()}
@@ -180,7 +182,8 @@ def _measure(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
 
 def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: str = "filters",
           example_inputs: torch.Tensor, criterion: str | None = None, prune_residual: bool = False,
-          ignored_layers: Sequence[str | nn.Module] | None = None, seed: int = 0) -> tuple[nn.Module, PruneStats]:
+          ignored_layers: Sequence[str | nn.Module] | None = None, seed: int = 0,
+          allocation: str = "afie") -> tuple[nn.Module, PruneStats]:
     """Remove filters from a copy of ``model`` the paper's way.
 
     How many per layer follows the report's AFIE (λ_l ∝ 1/AFIE_l, capped at 0.99, total
@@ -201,6 +204,8 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
         prune_residual: also prune a ResNet's residual stream (default False).
         ignored_layers: convs (names or modules) to leave whole.
         seed: for "random".
+        allocation: "afie" (the paper's layer-wise ratios) or "uniform" (the same ratio
+            for every layer, for comparison).
 
     Returns:
         (pruned model, PruneStats). ``afie_fast.save_pruned`` saves the result.
@@ -208,6 +213,8 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
     criterion = criterion or DEFAULT_CRITERION
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if allocation not in ("afie", "uniform"):
+        raise ValueError(f"allocation must be 'afie' or 'uniform', got {allocation!r}")
     if unit not in UNITS:
         raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
     if not isinstance(target, (int, float)) or not 0 <= target < 1:
@@ -221,7 +228,8 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
     macs0, params0 = _measure(model, example_inputs)
 
     def attempt(t: float, clamp: bool = False) -> _Attempt:
-        return _prune_copy(model, report, t, example_inputs, criterion, prune_residual, ignored_layers, seed, clamp)
+        return _prune_copy(model, report, t, example_inputs, criterion, prune_residual, ignored_layers, seed, clamp,
+                           allocation)
 
     if unit == "filters":
         best, filter_target = attempt(target), target
