@@ -40,10 +40,15 @@ def _stream(t: torch.Tensor) -> int:
 
 
 def comoments_update(y: torch.Tensor, n: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor,
-                     scratch: torch.Tensor | None = None, rejected: torch.Tensor | None = None) -> None:
+                     scratch: torch.Tensor | None = None, rejected: torch.Tensor | None = None,
+                     float_products: bool = False) -> None:
     """Add y (N, C, H, W) to the state (n, mean, m2) in place. CUDA states also pass their
     scratch (C + 2,) float64 and rejected (1,) int32 buffers."""
-    _C.comoments_update(y.detach(), n, mean, m2, threads(), _stream(y), scratch, rejected)
+    if y.is_cuda:  # launch on the tensor's own device and its current stream
+        with torch.cuda.device(y.device):
+            _C.comoments_update(y.detach(), n, mean, m2, threads(), _stream(y), scratch, rejected)
+    else:
+        _C.comoments_update(y.detach(), n, mean, m2, threads(), 0, scratch, rejected, float_products)
 
 
 def comoments_merge(a: tuple, b: tuple, scratch: torch.Tensor | None = None) -> None:

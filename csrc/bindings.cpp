@@ -153,7 +153,7 @@ DType check_state(const Buffer& n, const Buffer& mean, const Buffer& m2) {
 }
 
 void comoments_update(py::handle y_obj, py::handle n_obj, py::handle mean_obj, py::handle m2_obj, int threads,
-                      std::uintptr_t stream, py::object scratch_obj, py::object rejected_obj) {
+                      std::uintptr_t stream, py::object scratch_obj, py::object rejected_obj, bool float_products) {
   Buffer y(y_obj, "y"), n(n_obj, "n"), mean(mean_obj, "mean"), m2(m2_obj, "m2");
   const DType acc = check_state(n, mean, m2);
   if (y.ndim() != 4) throw py::value_error("y: expected a 4-D (N, C, H, W) tensor, got shape " + Buffer::fmt(y.shape));
@@ -187,8 +187,8 @@ void comoments_update(py::handle y_obj, py::handle n_obj, py::handle mean_obj, p
 #endif
   }
   py::gil_scoped_release nogil;
-  if (acc == DType::f64) afie::comoments_update_cpu(b, ptr<double>(n), ptr<double>(mean), ptr<double>(m2), threads);
-  else afie::comoments_update_cpu(b, ptr<double>(n), ptr<float>(mean), ptr<float>(m2), threads);
+  if (acc == DType::f64) afie::comoments_update_cpu(b, ptr<double>(n), ptr<double>(mean), ptr<double>(m2), threads, float_products);
+  else afie::comoments_update_cpu(b, ptr<double>(n), ptr<float>(mean), ptr<float>(m2), threads, float_products);
 }
 
 void comoments_merge(py::handle na_o, py::handle ma_o, py::handle m2a_o, py::handle nb_o, py::handle mb_o,
@@ -333,6 +333,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.def("comoments_update", &comoments_update, py::arg("y"), py::arg("n"), py::arg("mean"), py::arg("m2"),
         py::arg("threads") = 1, py::arg("stream") = 0, py::arg("scratch") = py::none(), py::arg("rejected") = py::none(),
+        py::arg("float_products") = false,
         "Add a (N, C, H, W) batch y to the state (n [1] f64, mean [C], m2 [C, C]). NaN/Inf batches are rejected.");
   m.def("comoments_merge", &comoments_merge, py::arg("n_a"), py::arg("mean_a"), py::arg("m2_a"), py::arg("n_b"),
         py::arg("mean_b"), py::arg("m2_b"), py::arg("stream") = 0, py::arg("scratch") = py::none(), "Merge state b into state a (Chan et al.).");

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "blas.h"
@@ -21,111 +22,144 @@ void for_each_run(const Runs& r, int64_t o0, int64_t o1, F&& f) {
   }
 }
 
-// Per-channel sums in double; false if any value is not finite.
-template <DType T>
-bool channel_sums(const Batch4& y, const Runs& r, int64_t m, double* sums) {
-  std::fill(sums, sums + r.C, 0.0);
-  bool finite = true;
-  for_each_run(r, 0, m, [&](int64_t off, int64_t s, int64_t len, int64_t) {
-    for (int64_t c = 0; c < r.C; ++c) {
-      const int64_t base = off + c * r.sC;
-      double acc = 0.0;
-      for (int64_t t = 0; t < len; ++t) acc += Load<T>::at(y.data, base + t * s);
-      sums[c] += acc;
-    }
-  });
-  for (int64_t c = 0; c < r.C; ++c) finite = finite && std::isfinite(sums[c]);
-  return finite;
-}
-
-// Writes observations [o0, o1) minus mu into buf: channel-major [C, k] or
-// observation-major [k, C].
-template <DType T, class Acc>
-void fill_centred(const Batch4& y, const Runs& r, int64_t o0, int64_t o1, const double* mu,
-                  bool obs_major, Acc* buf) {
+// One read of observations [o0, o1): converts them into buf (channel-major [C, k] or
+// observation-major [k, C]) and sums each channel in double.
+template <DType T, class Work>
+void fill_and_sum(const Batch4& y, const Runs& r, int64_t o0, int64_t o1, bool obs_major, Work* buf, double* sums) {
   const int64_t k = o1 - o0;
+  std::fill(sums, sums + r.C, 0.0);
   for_each_run(r, o0, o1, [&](int64_t off, int64_t s, int64_t len, int64_t j) {
     if (obs_major) {
       for (int64_t t = 0; t < len; ++t) {
-        Acc* row = buf + (j + t) * r.C;
+        Work* row = buf + (j + t) * r.C;
         const int64_t base = off + t * s;
-        for (int64_t c = 0; c < r.C; ++c)
-          row[c] = static_cast<Acc>(Load<T>::at(y.data, base + c * r.sC) - mu[c]);
+        for (int64_t c = 0; c < r.C; ++c) {
+          const double v = Load<T>::at(y.data, base + c * r.sC);
+          row[c] = static_cast<Work>(v);
+          sums[c] += v;
+        }
       }
     } else {
       for (int64_t c = 0; c < r.C; ++c) {
-        Acc* row = buf + c * k + j;
+        Work* row = buf + c * k + j;
         const int64_t base = off + c * r.sC;
-        const double mc = mu[c];
-        for (int64_t t = 0; t < len; ++t) row[t] = static_cast<Acc>(Load<T>::at(y.data, base + t * s) - mc);
+        double acc = 0.0;
+        for (int64_t t = 0; t < len; ++t) {
+          const double v = Load<T>::at(y.data, base + t * s);
+          row[t] = static_cast<Work>(v);
+          acc += v;
+        }
+        sums[c] += acc;
       }
     }
   });
+}
+
+// buf −= mu, in the layout fill_and_sum wrote (the chunk is still in cache).
+template <class Work>
+void centre(int64_t C, int64_t k, bool obs_major, const double* mu, Work* buf) {
+  if (obs_major) {
+    std::vector<Work> m(mu, mu + C);
+    for (int64_t t = 0; t < k; ++t)
+      for (int64_t c = 0; c < C; ++c) buf[t * C + c] -= m[c];
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      const Work mc = static_cast<Work>(mu[c]);
+      Work* row = buf + c * k;
+      for (int64_t t = 0; t < k; ++t) row[t] -= mc;
+    }
+  }
+}
+
+// Chan's merge on the upper triangle: (na, mean_a, m2_a) ← (na, mean_a, m2_a) ⊕ (nb, mean_b, m2_b).
+template <class A, class B>
+void fold_upper(int64_t C, double& na, A* mean_a, A* m2_a, double nb, const double* mean_b, const B* m2_b) {
+  const double nt = na + nb, w = na * nb / nt;
+  std::vector<double> delta(C);
+  for (int64_t c = 0; c < C; ++c) delta[c] = mean_b[c] - static_cast<double>(mean_a[c]);
+  for (int64_t i = 0; i < C; ++i) {
+    A* row = m2_a + i * C;
+    const B* brow = m2_b + i * C;
+    const double wi = w * delta[i];
+    for (int64_t j = i; j < C; ++j) row[j] = static_cast<A>(row[j] + static_cast<double>(brow[j]) + wi * delta[j]);
+  }
+  for (int64_t c = 0; c < C; ++c) mean_a[c] = static_cast<A>(static_cast<double>(mean_a[c]) + delta[c] * (nb / nt));
+  na = nt;
+}
+
+// Lower triangle ← upper, in tiles so both sides stay in cache.
+template <class A>
+void mirror(int64_t C, A* m) {
+  constexpr int64_t B = 32;
+  for (int64_t i0 = 0; i0 < C; i0 += B)
+    for (int64_t j0 = i0; j0 < C; j0 += B)
+      for (int64_t i = i0; i < std::min(C, i0 + B); ++i)
+        for (int64_t j = std::max(j0, i + 1); j < std::min(C, j0 + B); ++j) m[j * C + i] = m[i * C + j];
+}
+
+// The batch, chunk by chunk: fill (one read of the input), centre on the chunk's mean,
+// SYRK into the chunk co-moment, fold into the batch's running state. Non-finite data
+// throws before anything reaches the caller's state.
+template <class Acc, class Work>
+void update_impl(const Batch4& y, double* n, Acc* mean, Acc* m2, int threads) {
+  const Runs r = collapse(y);
+  const int64_t C = y.shape[1];
+  const int64_t m = y.shape[0] * y.shape[2] * y.shape[3];
+  if (m == 0) throw BadInput("empty batch: it holds no observations (N*H*W == 0)");
+  // Chunks of ~2 MiB of Work values stay in cache between fill, centre and SYRK; at least
+  // 256 observations keep SYRK efficient and the per-chunk O(C²) fold negligible.
+  const int64_t chunk = std::clamp<int64_t>((int64_t{1} << 21) / int64_t(sizeof(Work)) / std::max<int64_t>(C, 1), 256, m);
+  const bool obs_major = r.sC == 1 && r.sL != 1;  // read memory in order either way
+  std::vector<Work> buf(size_t(chunk * C)), cm2(size_t(C * C));
+  std::vector<double> sums(C), mu(C);
+  const bool one_chunk = chunk >= m;
+  // The batch's own state, folded into the caller's only once the whole batch is good.
+  double nb = 0;
+  std::vector<double> mean_b(one_chunk ? 0 : C, 0.0), m2_b(one_chunk ? 0 : C * C, 0.0);
+  blas::use_threads(threads);
+  for (int64_t o0 = 0; o0 < m; o0 += chunk) {
+    const int64_t o1 = std::min(m, o0 + chunk), k = o1 - o0;
+    dispatch_dtype(y.dtype, [&]<DType T>() { fill_and_sum<T, Work>(y, r, o0, o1, obs_major, buf.data(), sums.data()); });
+    for (int64_t c = 0; c < C; ++c) {
+      if (!std::isfinite(sums[c])) throw BadInput("batch contains NaN or Inf values");
+      mu[c] = sums[c] / double(k);
+    }
+    centre(C, k, obs_major, mu.data(), buf.data());
+    std::fill(cm2.begin(), cm2.end(), Work(0));
+    blas::syrk_upper(obs_major, int(C), int(k), buf.data(), cm2.data());
+    if (one_chunk) {
+      fold_upper(C, *n, mean, m2, double(k), mu.data(), cm2.data());
+    } else {
+      fold_upper(C, nb, mean_b.data(), m2_b.data(), double(k), mu.data(), cm2.data());
+    }
+  }
+  if (!one_chunk) fold_upper(C, *n, mean, m2, nb, mean_b.data(), m2_b.data());
+  mirror(C, m2);
 }
 
 }  // namespace
 
 template <class Acc>
-void fold_mean_and_mirror(int64_t C, double* n, Acc* mean, Acc* m2, double nb, const double* mb) {
-  const double na = *n, nt = na + nb;
-  const double w = na * nb / nt;
-  std::vector<double> delta(C);
-  for (int64_t c = 0; c < C; ++c) delta[c] = mb[c] - static_cast<double>(mean[c]);
-  for (int64_t i = 0; i < C; ++i) {
-    Acc* row = m2 + i * C;
-    for (int64_t j = i; j < C; ++j) row[j] = static_cast<Acc>(row[j] + w * delta[i] * delta[j]);
+void comoments_update_cpu(const Batch4& y, double* n, Acc* mean, Acc* m2, int threads, bool float_products) {
+  // float products only for inputs that are no wider than float anyway.
+  if constexpr (std::is_same_v<Acc, double>) {
+    if (!float_products || y.dtype == DType::f64) return update_impl<double, double>(y, n, mean, m2, threads);
   }
-  for (int64_t i = 0; i < C; ++i)
-    for (int64_t j = i + 1; j < C; ++j) m2[j * C + i] = m2[i * C + j];
-  for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<Acc>(static_cast<double>(mean[c]) + delta[c] * (nb / nt));
-  *n = nt;
+  update_impl<Acc, float>(y, n, mean, m2, threads);
 }
 
 template <class Acc>
-void comoments_update_cpu(const Batch4& y, double* n, Acc* mean, Acc* m2, int threads) {
-  const Runs r = collapse(y);
-  const int64_t C = y.shape[1];
-  const int64_t m = y.shape[0] * y.shape[2] * y.shape[3];
-  if (m == 0) throw BadInput("empty batch: it holds no observations (N*H*W == 0)");
-
-  // Pass 1: the batch mean, and the finiteness check that keeps the state untouched.
-  std::vector<double> mu(C);
-  const bool finite = dispatch_dtype(y.dtype, [&]<DType T>() { return channel_sums<T>(y, r, m, mu.data()); });
-  if (!finite) throw BadInput("batch contains NaN or Inf values");
-  for (auto& v : mu) v /= static_cast<double>(m);
-
-  // Pass 2: centre chunks of observations on the batch mean and SYRK them into the
-  // upper triangle of M2 (the batch's own co-moment, added straight into the state).
-  // Observation-major buffers when channels are the fast axis, channel-major otherwise,
-  // so both fills read memory in order.
-  const bool obs_major = r.sC == 1 && r.sL != 1;
-  const int64_t chunk = std::clamp<int64_t>((int64_t{1} << 20) / std::max<int64_t>(C, 1), 256, m);
-  std::vector<Acc> buf(static_cast<size_t>(chunk * C));
-  blas::use_threads(threads);
-  for (int64_t o0 = 0; o0 < m; o0 += chunk) {
-    const int64_t o1 = std::min(m, o0 + chunk);
-    dispatch_dtype(y.dtype, [&]<DType T>() { fill_centred<T, Acc>(y, r, o0, o1, mu.data(), obs_major, buf.data()); });
-    blas::syrk_upper(obs_major, static_cast<int>(C), static_cast<int>(o1 - o0), buf.data(), m2);
-  }
-  fold_mean_and_mirror<Acc>(C, n, mean, m2, static_cast<double>(m), mu.data());
-}
-
-template <class Acc>
-void comoments_merge_cpu(int64_t C, double* n_a, Acc* mean_a, Acc* m2_a, const double* n_b,
-                         const Acc* mean_b, const Acc* m2_b) {
+void comoments_merge_cpu(int64_t C, double* n_a, Acc* mean_a, Acc* m2_a, const double* n_b, const Acc* mean_b,
+                         const Acc* m2_b) {
   if (*n_b == 0) return;
-  // M2_a += M2_b on the upper triangle, then the shared fold adds δδᵀ·n_a n_b/n.
-  for (int64_t i = 0; i < C; ++i)
-    for (int64_t j = i; j < C; ++j) m2_a[i * C + j] += m2_b[i * C + j];
   std::vector<double> mb(mean_b, mean_b + C);
-  fold_mean_and_mirror<Acc>(C, n_a, mean_a, m2_a, *n_b, mb.data());
+  fold_upper(C, *n_a, mean_a, m2_a, *n_b, mb.data(), m2_b);
+  mirror(C, m2_a);
 }
 
-template void comoments_update_cpu<double>(const Batch4&, double*, double*, double*, int);
-template void comoments_update_cpu<float>(const Batch4&, double*, float*, float*, int);
+template void comoments_update_cpu<double>(const Batch4&, double*, double*, double*, int, bool);
+template void comoments_update_cpu<float>(const Batch4&, double*, float*, float*, int, bool);
 template void comoments_merge_cpu<double>(int64_t, double*, double*, double*, const double*, const double*, const double*);
 template void comoments_merge_cpu<float>(int64_t, double*, float*, float*, const double*, const float*, const float*);
-template void fold_mean_and_mirror<double>(int64_t, double*, double*, double*, double, const double*);
-template void fold_mean_and_mirror<float>(int64_t, double*, float*, float*, double, const double*);
 
 }  // namespace afie

@@ -12,24 +12,20 @@ namespace afie {
 
 // Adds one batch to the state. Acc is the state's float type (double by default).
 // Rejects a batch with any non-finite value (BadInput) before touching the state.
+// float_products: multiply in float32 for inputs of float32 or narrower (per-chunk
+// centring keeps the error near the inputs' own rounding; chunks still add up in Acc).
 // threads: OpenBLAS threads to use (the caller's torch thread count).
 template <class Acc>
 void comoments_update_cpu(const Batch4& y,
                           double* n,    // [1]
                           Acc* mean,    // [C]
-                          Acc* m2,      // [C, C] row-major
-                          int threads);
+                          Acc* m2,      // [C, C] row-major, full symmetric
+                          int threads, bool float_products);
 
 // a ← a ⊕ b (both states of width C).
 template <class Acc>
 void comoments_merge_cpu(int64_t C,
                          double* n_a, Acc* mean_a, Acc* m2_a,                     // in/out
                          const double* n_b, const Acc* mean_b, const Acc* m2_b);  // in
-
-// The host-side merge step both backends share: a batch with count nb, mean mb and
-// co-moment already added into m2 (upper triangle) is folded into (n, mean):
-// M2 += δδᵀ · n_a n_b / n, then the lower triangle mirrors the upper.
-template <class Acc>
-void fold_mean_and_mirror(int64_t C, double* n, Acc* mean, Acc* m2, double nb, const double* mb);
 
 }  // namespace afie

@@ -37,8 +37,9 @@ def ref_activation_scores(model, batches):
         x = torch.cat([y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]) for y in ys]).numpy()
         cov = np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1])
         e = np.linalg.eigvalsh(cov)
-        # eigenvalues under the rounding floor C·eps·max are zero (numpy's matrix_rank tolerance)
-        s = np.sqrt(np.where(e > len(e) * np.finfo(float).eps * e.max(), e, 0.0))
+        # eigenvalues under the rounding floor C·eps·max are zero (numpy's matrix_rank
+        # tolerance, eps of the float32 products score() uses by default)
+        s = np.sqrt(np.where(e > len(e) * np.finfo(np.float32).eps * e.max(), e, 0.0))
         ref[name] = (*ref_afie(s, x.shape[1]), s, np.diag(cov), x.shape[0])
     return ref
 
