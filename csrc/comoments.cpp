@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "blas.h"
+#include "parallel.h"
 
 namespace afie {
 namespace {
@@ -98,42 +99,51 @@ void mirror(int64_t C, A* m) {
 }
 
 // The batch, chunk by chunk: fill (one read of the input), centre on the chunk's mean,
-// SYRK into the chunk co-moment, fold into the batch's running state. Non-finite data
-// throws before anything reaches the caller's state.
+// SYRK into the chunk co-moment, fold into a running state. Each worker thread takes a
+// contiguous run of chunks with its own state (and single-threaded BLAS, see
+// parallel.h); the workers' states then fold into the caller's in order, so the result
+// is deterministic. Non-finite data throws before anything reaches the caller's state.
 template <class Acc, class Work>
 void update_impl(const Batch4& y, double* n, Acc* mean, Acc* m2, int threads) {
   const Runs r = collapse(y);
   const int64_t C = y.shape[1];
   const int64_t m = y.shape[0] * y.shape[2] * y.shape[3];
   if (m == 0) throw BadInput("empty batch: it holds no observations (N*H*W == 0)");
-  // Chunks of ~2 MiB of Work values stay in cache between fill, centre and SYRK; at least
-  // 256 observations keep SYRK efficient and the per-chunk O(C²) fold negligible.
-  const int64_t chunk = std::clamp<int64_t>((int64_t{1} << 21) / int64_t(sizeof(Work)) / std::max<int64_t>(C, 1), 256, m);
+  // Chunks of ≤ 2 MiB of Work values stay in cache between fill, centre and SYRK; at
+  // least 256 observations keep SYRK efficient and the per-chunk O(C²) fold negligible.
+  const int64_t workers_max = std::max(1, threads);
+  int64_t chunk = (int64_t{1} << 21) / int64_t(sizeof(Work)) / std::max<int64_t>(C, 1);
+  chunk = std::clamp<int64_t>(std::min(chunk, (m + workers_max - 1) / workers_max), 256, std::max<int64_t>(m, 1));
+  const int64_t chunks = (m + chunk - 1) / chunk;
+  const int64_t workers = std::min(workers_max, chunks);
   const bool obs_major = r.sC == 1 && r.sL != 1;  // read memory in order either way
-  std::vector<Work> buf(size_t(chunk * C)), cm2(size_t(C * C));
-  std::vector<double> sums(C), mu(C);
-  const bool one_chunk = chunk >= m;
-  // The batch's own state, folded into the caller's only once the whole batch is good.
-  double nb = 0;
-  std::vector<double> mean_b(one_chunk ? 0 : C, 0.0), m2_b(one_chunk ? 0 : C * C, 0.0);
-  blas::use_threads(threads);
-  for (int64_t o0 = 0; o0 < m; o0 += chunk) {
-    const int64_t o1 = std::min(m, o0 + chunk), k = o1 - o0;
-    dispatch_dtype(y.dtype, [&]<DType T>() { fill_and_sum<T, Work>(y, r, o0, o1, obs_major, buf.data(), sums.data()); });
-    for (int64_t c = 0; c < C; ++c) {
-      if (!std::isfinite(sums[c])) throw BadInput("batch contains NaN or Inf values");
-      mu[c] = sums[c] / double(k);
+
+  struct Partial {
+    double n = 0;
+    std::vector<double> mean, m2;
+  };
+  std::vector<Partial> parts(workers);
+  blas::use_threads(1);
+  fork_join(workers, [&](int64_t t) {
+    Partial& part = parts[t];
+    part.mean.assign(C, 0.0);
+    part.m2.assign(C * C, 0.0);
+    std::vector<Work> buf(size_t(chunk * C)), cm2(size_t(C * C));
+    std::vector<double> sums(C), mu(C);
+    for (int64_t q = t * chunks / workers; q < (t + 1) * chunks / workers; ++q) {
+      const int64_t o0 = q * chunk, o1 = std::min(m, o0 + chunk), k = o1 - o0;
+      dispatch_dtype(y.dtype, [&]<DType T>() { fill_and_sum<T, Work>(y, r, o0, o1, obs_major, buf.data(), sums.data()); });
+      for (int64_t c = 0; c < C; ++c) {
+        if (!std::isfinite(sums[c])) throw BadInput("batch contains NaN or Inf values");
+        mu[c] = sums[c] / double(k);
+      }
+      centre(C, k, obs_major, mu.data(), buf.data());
+      std::fill(cm2.begin(), cm2.end(), Work(0));
+      blas::syrk_upper(obs_major, int(C), int(k), buf.data(), cm2.data());
+      fold_upper(C, part.n, part.mean.data(), part.m2.data(), double(k), mu.data(), cm2.data());
     }
-    centre(C, k, obs_major, mu.data(), buf.data());
-    std::fill(cm2.begin(), cm2.end(), Work(0));
-    blas::syrk_upper(obs_major, int(C), int(k), buf.data(), cm2.data());
-    if (one_chunk) {
-      fold_upper(C, *n, mean, m2, double(k), mu.data(), cm2.data());
-    } else {
-      fold_upper(C, nb, mean_b.data(), m2_b.data(), double(k), mu.data(), cm2.data());
-    }
-  }
-  if (!one_chunk) fold_upper(C, *n, mean, m2, nb, mean_b.data(), m2_b.data());
+  });
+  for (const Partial& part : parts) fold_upper(C, *n, mean, m2, part.n, part.mean.data(), part.m2.data());
   mirror(C, m2);
 }
 

@@ -3,41 +3,15 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <mutex>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "blas.h"
+#include "parallel.h"
 
 namespace afie {
 namespace {
-
-// Runs f(i) for i in [0, count) on up to `threads` std::threads (contiguous slices).
-template <class F>
-void parallel_for(int64_t count, int threads, F&& f) {
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, count));
-  if (workers == 1) {
-    for (int64_t i = 0; i < count; ++i) f(i);
-    return;
-  }
-  std::vector<std::thread> pool;
-  std::exception_ptr error;
-  std::mutex error_mutex;
-  for (int64_t t = 0; t < workers; ++t) {
-    pool.emplace_back([&, t] {
-      try {
-        for (int64_t i = t * count / workers; i < (t + 1) * count / workers; ++i) f(i);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(error_mutex);
-        error = std::current_exception();
-      }
-    });
-  }
-  for (auto& th : pool) th.join();
-  if (error) std::rethrow_exception(error);
-}
 
 void check_info(int info, const char* routine) {
   if (info != 0)
