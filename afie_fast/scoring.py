@@ -184,12 +184,13 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
             all_reduce_accumulator(acc)
 
     eps = torch.finfo(getattr(torch, precision) if dev.type == "cpu" else torch.float32).eps
+    need_vectors = "independence" in criteria
+    covs = {name: acc.covariance().to("cpu", torch.float64) for name, acc in accs.items()}
+    eig = eigh_by_width(covs, need_vectors)
     layer_scores = []
     for name, conv in convs.items():
-        acc = accs[name]
-        cov = acc.covariance().to("cpu", torch.float64)
-        need_vectors = "independence" in criteria
-        w, v = _ext.eigh(cov, vectors=need_vectors)
+        acc, cov = accs[name], covs[name]
+        w, v = eig[name]
         scores: dict[str, torch.Tensor] = {}
         if "l1" in criteria:
             scores["l1"] = l1_scores(conv)
@@ -205,6 +206,20 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
         print(f"afie_fast: scored {len(report)} conv layers on {n_batches} batches "
               f"({obs:,} activation vectors) in {seconds:.2f} s")
     return report
+
+
+def eigh_by_width(covs: dict[str, torch.Tensor], vectors: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Eigenpairs of every layer's covariance, one batched core call per width (the core
+    spreads a batch over its threads)."""
+    out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    by_width: dict[int, list[str]] = {}
+    for name, cov in covs.items():
+        by_width.setdefault(cov.shape[0], []).append(name)
+    for names in by_width.values():
+        w, v = _ext.eigh(torch.stack([covs[n] for n in names]), vectors=vectors)
+        for i, n in enumerate(names):
+            out[n] = (w[i], v[i] if vectors else None)
+    return out
 
 
 def stream_activations(model: nn.Module, loader: Iterable, convs: dict[str, nn.Conv2d], device: torch.device,

@@ -38,18 +38,18 @@ inline void use_threads(int threads) {
     AFIE_BLAS(openblas_set_num_threads)(threads);
 }
 
-// C[upper] += A·Aᵀ for a row-major A. obs_major=false: A is [n, k] (one row per
+// C[upper] = A·Aᵀ (beta 0: C's old contents are never read) for a row-major A. obs_major=false: A is [n, k] (one row per
 // variable); true: A is [k, n] (one row per observation). C is row-major [n, n].
 // Row-major upper == column-major lower, so the Fortran call flips uplo and trans.
 inline void syrk_upper(bool obs_major, int n, int k, const double* a, double* c) {
-  const double one = 1.0;
+  const double one = 1.0, zero = 0.0;
   const int lda = obs_major ? n : k;
-  AFIE_BLAS(dsyrk_)("L", obs_major ? "N" : "T", &n, &k, &one, a, &lda, &one, c, &n, 1, 1);
+  AFIE_BLAS(dsyrk_)("L", obs_major ? "N" : "T", &n, &k, &one, a, &lda, &zero, c, &n, 1, 1);
 }
 inline void syrk_upper(bool obs_major, int n, int k, const float* a, float* c) {
-  const float one = 1.0f;
+  const float one = 1.0f, zero = 0.0f;
   const int lda = obs_major ? n : k;
-  AFIE_BLAS(ssyrk_)("L", obs_major ? "N" : "T", &n, &k, &one, a, &lda, &one, c, &n, 1, 1);
+  AFIE_BLAS(ssyrk_)("L", obs_major ? "N" : "T", &n, &k, &one, a, &lda, &zero, c, &n, 1, 1);
 }
 
 }  // namespace afie::blas

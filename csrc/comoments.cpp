@@ -118,32 +118,51 @@ void update_impl(const Batch4& y, double* n, Acc* mean, Acc* m2, int threads) {
   const int64_t workers = std::min(workers_max, chunks);
   const bool obs_major = r.sC == 1 && r.sL != 1;  // read memory in order either way
 
+  // Per-thread scratch that outlives the call: fresh multi-MiB vectors each batch would
+  // cost a page fault per 4 KiB (and the pool's threads persist, so this is bounded).
+  struct Scratch {
+    std::vector<Work> buf, cm2;
+    std::vector<double> sums, mu, mean, m2;
+  };
   struct Partial {
     double n = 0;
-    std::vector<double> mean, m2;
+    double* mean = nullptr;
+    double* m2 = nullptr;
   };
   std::vector<Partial> parts(workers);
+  const bool direct = workers == 1 && chunks == 1;  // one chunk folds straight into the state
   blas::use_threads(1);
   fork_join(workers, [&](int64_t t) {
+    thread_local Scratch s;
+    s.buf.resize(size_t(chunk * C)), s.cm2.resize(size_t(C * C)), s.sums.resize(C), s.mu.resize(C);
     Partial& part = parts[t];
-    part.mean.assign(C, 0.0);
-    part.m2.assign(C * C, 0.0);
-    std::vector<Work> buf(size_t(chunk * C)), cm2(size_t(C * C));
-    std::vector<double> sums(C), mu(C);
+    if (!direct) {
+      s.mean.assign(C, 0.0), s.m2.resize(size_t(C * C));  // m2 needs no zeroing: n = 0 overwrites
+      part.mean = s.mean.data(), part.m2 = s.m2.data();
+    }
     for (int64_t q = t * chunks / workers; q < (t + 1) * chunks / workers; ++q) {
       const int64_t o0 = q * chunk, o1 = std::min(m, o0 + chunk), k = o1 - o0;
-      dispatch_dtype(y.dtype, [&]<DType T>() { fill_and_sum<T, Work>(y, r, o0, o1, obs_major, buf.data(), sums.data()); });
+      dispatch_dtype(y.dtype, [&]<DType T>() { fill_and_sum<T, Work>(y, r, o0, o1, obs_major, s.buf.data(), s.sums.data()); });
       for (int64_t c = 0; c < C; ++c) {
-        if (!std::isfinite(sums[c])) throw BadInput("batch contains NaN or Inf values");
-        mu[c] = sums[c] / double(k);
+        if (!std::isfinite(s.sums[c])) throw BadInput("batch contains NaN or Inf values");
+        s.mu[c] = s.sums[c] / double(k);
       }
-      centre(C, k, obs_major, mu.data(), buf.data());
-      std::fill(cm2.begin(), cm2.end(), Work(0));
-      blas::syrk_upper(obs_major, int(C), int(k), buf.data(), cm2.data());
-      fold_upper(C, part.n, part.mean.data(), part.m2.data(), double(k), mu.data(), cm2.data());
+      centre(C, k, obs_major, s.mu.data(), s.buf.data());
+      blas::syrk_upper(obs_major, int(C), int(k), s.buf.data(), s.cm2.data());
+      if (direct) {
+        fold_upper(C, *n, mean, m2, double(k), s.mu.data(), s.cm2.data());
+      } else if (part.n == 0) {  // the first chunk is the partial state
+        std::copy(s.mu.begin(), s.mu.end(), part.mean);
+        for (int64_t i = 0; i < C; ++i)
+          for (int64_t j = i; j < C; ++j) part.m2[i * C + j] = s.cm2[i * C + j];
+        part.n = double(k);
+      } else {
+        fold_upper(C, part.n, part.mean, part.m2, double(k), s.mu.data(), s.cm2.data());
+      }
     }
   });
-  for (const Partial& part : parts) fold_upper(C, *n, mean, m2, part.n, part.mean.data(), part.m2.data());
+  if (!direct)
+    for (const Partial& part : parts) fold_upper(C, *n, mean, m2, part.n, part.mean, part.m2);
   mirror(C, m2);
 }
 

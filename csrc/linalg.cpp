@@ -137,26 +137,22 @@ void eigh_batched_cpu(int64_t B, int64_t C, const double* a, double* w, double* 
   if (B == 0 || C == 0) return;
   const bool vectors = v != nullptr;
   const size_t cc = size_t(C) * C;
-  if (B == 1 || threads <= 1) {
-    blas::use_threads(threads);
-    Syevd solve(int(C), vectors);
-    for (int64_t b = 0; b < B; ++b) solve(a + b * cc, w + b * C, vectors ? v + b * cc : nullptr);
-    return;
-  }
-  // Many matrices: one per thread beats OpenBLAS threading inside each small solve.
+  // One matrix per worker on the OpenMP pool, LAPACK single-threaded (see parallel.h).
   blas::use_threads(1);
-  const int64_t workers = std::min<int64_t>(threads, B);
-  parallel_for(workers, int(workers), [&](int64_t t) {
+  const int64_t workers = std::min<int64_t>(std::max(threads, 1), B);
+  fork_join(workers, [&](int64_t t) {
     Syevd solve(int(C), vectors);
     for (int64_t b = t * B / workers; b < (t + 1) * B / workers; ++b)
       solve(a + b * cc, w + b * C, vectors ? v + b * cc : nullptr);
   });
-  blas::use_threads(threads);
 }
 
 void singular_values_cpu(int64_t R, int64_t K, const double* m, double* s, int threads) {
   if (R == 0 || K == 0) return;
-  blas::use_threads(threads);
+  // Spectra are small and many: single-threaded LAPACK leaves no pooled OpenBLAS workers
+  // spinning (see parallel.h).
+  (void)threads;
+  blas::use_threads(1);
   // A row-major R×K matrix is a column-major K×R one: its transpose, same singular values.
   int rows = int(K), cols = int(R), lda = int(K), one = 1, info = 0, lw = -1;
   std::vector<double> a(m, m + R * K);

@@ -6,7 +6,8 @@
 namespace afie {
 
 // Eigenvalues (ascending) of B symmetric C×C matrices, and optionally eigenvectors.
-// a is read only (the lower triangle of each matrix, row-major, contiguous).
+// a is read only (the lower triangle of each matrix, row-major, contiguous). Matrices are
+// spread over `threads` workers, each calling LAPACK single-threaded.
 void eigh_batched_cpu(int64_t B, int64_t C,
                       const double* a,  // [B, C, C]
                       double* w,        // [B, C]
