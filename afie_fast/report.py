@@ -159,7 +159,10 @@ class AFIEReport:
         for ls in self:
             s = list(ls.spectrum)
             span = (max(s) - min(s)) or 1.0
-            ax2.plot([i / max(len(s) - 1, 1) for i in range(len(s))], [(v - min(s)) / span for v in s], lw=1)
+            ax2.plot([i / max(len(s) - 1, 1) for i in range(len(s))], [(v - min(s)) / span for v in s], lw=1,
+                     label=ls.name)
+        if len(self) <= 16:
+            ax2.legend(fontsize=7, title="layer", title_fontsize=7)
         ax2.set_xlabel("rank / (p − 1)")
         ax2.set_ylabel("min-max normalised spectrum")
         ax2.set_title("spectra")
