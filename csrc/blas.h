@@ -19,6 +19,12 @@ void AFIE_BLAS(dsyrk_)(const char* uplo, const char* trans, const int* n, const 
 void AFIE_BLAS(ssyrk_)(const char* uplo, const char* trans, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* beta,
                        float* c, const int* ldc, size_t, size_t);
+void AFIE_BLAS(dgemm_)(const char* ta, const char* tb, const int* m, const int* n, const int* k, const double* alpha,
+                       const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+                       const int* ldc, size_t, size_t);
+void AFIE_BLAS(sgemm_)(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* alpha,
+                       const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc, size_t, size_t);
 void AFIE_BLAS(dsyevd_)(const char* jobz, const char* uplo, const int* n, double* a,
                         const int* lda, double* w, double* work, const int* lwork, int* iwork,
                         const int* liwork, int* info, size_t, size_t);
@@ -38,18 +44,40 @@ inline void use_threads(int threads) {
     AFIE_BLAS(openblas_set_num_threads)(threads);
 }
 
-// C[upper] = A·Aᵀ (beta 0: C's old contents are never read) for a row-major A. obs_major=false: A is [n, k] (one row per
-// variable); true: A is [k, n] (one row per observation). C is row-major [n, n].
-// Row-major upper == column-major lower, so the Fortran call flips uplo and trans.
-inline void syrk_upper(bool obs_major, int n, int k, const double* a, double* c) {
+// Typed dispatch to the Fortran SYRK / GEMM (column-major, beta = 0).
+inline void syrk(const char* trans, int n, int k, const double* a, int lda, double* c, int ldc) {
   const double one = 1.0, zero = 0.0;
-  const int lda = obs_major ? n : k;
-  AFIE_BLAS(dsyrk_)("L", obs_major ? "N" : "T", &n, &k, &one, a, &lda, &zero, c, &n, 1, 1);
+  AFIE_BLAS(dsyrk_)("L", trans, &n, &k, &one, a, &lda, &zero, c, &ldc, 1, 1);
 }
-inline void syrk_upper(bool obs_major, int n, int k, const float* a, float* c) {
+inline void syrk(const char* trans, int n, int k, const float* a, int lda, float* c, int ldc) {
   const float one = 1.0f, zero = 0.0f;
-  const int lda = obs_major ? n : k;
-  AFIE_BLAS(ssyrk_)("L", obs_major ? "N" : "T", &n, &k, &one, a, &lda, &zero, c, &n, 1, 1);
+  AFIE_BLAS(ssyrk_)("L", trans, &n, &k, &one, a, &lda, &zero, c, &ldc, 1, 1);
+}
+inline void gemm(const char* ta, const char* tb, int m, int n, int k, const double* a, int lda, const double* b,
+                 int ldb, double* c, int ldc) {
+  const double one = 1.0, zero = 0.0;
+  AFIE_BLAS(dgemm_)(ta, tb, &m, &n, &k, &one, a, &lda, b, &ldb, &zero, c, &ldc, 1, 1);
+}
+inline void gemm(const char* ta, const char* tb, int m, int n, int k, const float* a, int lda, const float* b,
+                 int ldb, float* c, int ldc) {
+  const float one = 1.0f, zero = 0.0f;
+  AFIE_BLAS(sgemm_)(ta, tb, &m, &n, &k, &one, a, &lda, b, &ldb, &zero, c, &ldc, 1, 1);
+}
+
+// Rows [i0, i0 + mi) × columns [j0, j0 + mj) (j0 ≥ i0) of the upper triangle of the
+// row-major C = A·Aᵀ, where A is the chunk buffer: obs_major=false, [n, k] (one row per
+// variable); true, [k, n] (one row per observation). Row-major upper is column-major
+// lower, so the Fortran calls see everything transposed.
+template <class T>
+void syrk_block(bool obs_major, int n, int k, const T* a, T* c, int i0, int mi, int j0, int mj) {
+  T* out = c + size_t(i0) * n + j0;
+  if (i0 == j0) {
+    if (obs_major) syrk("N", mi, k, a + i0, n, out, n);
+    else syrk("T", mi, k, a + size_t(i0) * k, k, out, n);
+  } else {
+    if (obs_major) gemm("N", "T", mj, mi, k, a + j0, n, a + i0, n, out, n);
+    else gemm("T", "N", mj, mi, k, a + size_t(j0) * k, k, a + size_t(i0) * k, k, out, n);
+  }
 }
 
 }  // namespace afie::blas

@@ -98,6 +98,27 @@ void mirror(int64_t C, A* m) {
         for (int64_t j = std::max(j0, i + 1); j < std::min(C, j0 + B); ++j) m[j * C + i] = m[i * C + j];
 }
 
+// C[upper] = A·Aᵀ for one chunk, its upper-triangle blocks spread over `workers`
+// single-threaded BLAS calls on the OpenMP pool (a chunk too wide to split by rows of
+// observations: few observations of many channels).
+template <class Work>
+void syrk_upper_parallel(bool obs_major, int64_t C, int64_t k, const Work* a, Work* c, int64_t workers) {
+  const int64_t parts = workers <= 1 ? 1 : 2 * workers;
+  std::vector<int64_t> edge(parts + 1);
+  for (int64_t p = 0; p <= parts; ++p) edge[p] = C * p / parts;
+  struct Task { int64_t i, j; };
+  std::vector<Task> tasks;
+  for (int64_t i = 0; i < parts; ++i)
+    for (int64_t j = i; j < parts; ++j) tasks.push_back({i, j});
+  fork_join(std::min<int64_t>(workers, int64_t(tasks.size())), [&](int64_t t) {
+    for (size_t q = size_t(t); q < tasks.size(); q += size_t(std::min<int64_t>(workers, int64_t(tasks.size())))) {
+      const Task& b = tasks[q];
+      blas::syrk_block(obs_major, int(C), int(k), a, c, int(edge[b.i]), int(edge[b.i + 1] - edge[b.i]), int(edge[b.j]),
+                       int(edge[b.j + 1] - edge[b.j]));
+    }
+  });
+}
+
 // The batch, chunk by chunk: fill (one read of the input), centre on the chunk's mean,
 // SYRK into the chunk co-moment, fold into a running state. Each worker thread takes a
 // contiguous run of chunks with its own state (and single-threaded BLAS, see
@@ -111,11 +132,15 @@ void update_impl(const Batch4& y, double* n, Acc* mean, Acc* m2, int threads) {
   if (m == 0) throw BadInput("empty batch: it holds no observations (N*H*W == 0)");
   // Chunks of ≤ 2 MiB of Work values stay in cache between fill, centre and SYRK; at
   // least 256 observations keep SYRK efficient and the per-chunk O(C²) fold negligible.
+  // Chunks also hold at least C observations, so the O(C²) fold of each stays small
+  // next to its C²·k SYRK. Enough chunks for every thread: split observations; too few
+  // (wide layers, small maps): one chunk at a time, its SYRK split by blocks instead.
   const int64_t workers_max = std::max(1, threads);
-  int64_t chunk = (int64_t{1} << 21) / int64_t(sizeof(Work)) / std::max<int64_t>(C, 1);
-  chunk = std::clamp<int64_t>(std::min(chunk, (m + workers_max - 1) / workers_max), 256, std::max<int64_t>(m, 1));
+  int64_t chunk = std::max<int64_t>((int64_t{1} << 21) / int64_t(sizeof(Work)) / std::max<int64_t>(C, 1), C);
+  chunk = std::clamp<int64_t>(std::min(chunk, (m + workers_max - 1) / workers_max), std::min<int64_t>(std::max<int64_t>(C, 256), m), m);
   const int64_t chunks = (m + chunk - 1) / chunk;
-  const int64_t workers = std::min(workers_max, chunks);
+  const int64_t workers = chunks >= workers_max ? workers_max : 1;
+  const int64_t syrk_workers = chunks >= workers_max ? 1 : workers_max;
   const bool obs_major = r.sC == 1 && r.sL != 1;  // read memory in order either way
 
   // Per-thread scratch that outlives the call: fresh multi-MiB vectors each batch would
@@ -148,7 +173,7 @@ void update_impl(const Batch4& y, double* n, Acc* mean, Acc* m2, int threads) {
         s.mu[c] = s.sums[c] / double(k);
       }
       centre(C, k, obs_major, s.mu.data(), s.buf.data());
-      blas::syrk_upper(obs_major, int(C), int(k), s.buf.data(), s.cm2.data());
+      syrk_upper_parallel(obs_major, C, k, s.buf.data(), s.cm2.data(), syrk_workers);
       if (direct) {
         fold_upper(C, *n, mean, m2, double(k), s.mu.data(), s.cm2.data());
       } else if (part.n == 0) {  // the first chunk is the partial state
