@@ -22,6 +22,21 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, syn
     return statistics.median(times)
 
 
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall times of several functions run in turn, round after round, so that a noisy
+    machine slows all of them alike; ratios are taken within a round."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
 def table(head: list[str], rows: list[list[str]]) -> str:
     """A Markdown table, ready to paste into the README."""
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

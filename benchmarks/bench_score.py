@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import afie_fast as af  # noqa: E402
 from afie_fast import _ext  # noqa: E402
 from afie_fast.models import INPUT_SHAPES, ZOO  # noqa: E402
-from _timing import median_time, table  # noqa: E402
+from _timing import interleaved, median_time, table  # noqa: E402
 
 SETTINGS = {"vgg16_cifar": (8, 64), "resnet50": (4, 16), "alexnet_mnist": (8, 64)}  # (batches, batch size)
 
@@ -121,7 +121,7 @@ def peak_rss_mib(name: str, n: int, size: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="vgg16_cifar,resnet50,alexnet_mnist")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip-hrank", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-prune", action="store_true")
@@ -136,13 +136,15 @@ def main() -> None:
         model = ZOO[name]().eval()
         loader = batches_for(name)
         n, bs = SETTINGS[name]
-        t_inf = median_time(lambda: inference(model, loader), args.repeats)
-        t_af = median_time(lambda: af.score(model, loader, progress=False), args.repeats)
-        t_torch = median_time(lambda: torch_scorer(model, loader), args.repeats)
+        # inference, afie_fast and pure torch in turn each round; ratios within a round
+        runs = interleaved({"inf": lambda: inference(model, loader), "af": lambda: af.score(model, loader, progress=False),
+                            "torch": lambda: torch_scorer(model, loader)}, args.repeats)
+        t_inf, t_af, t_torch = (statistics.median(runs[k]) for k in ("inf", "af", "torch"))
+        ratio = {k: statistics.median(a / b for a, b in zip(runs[k], runs["inf"])) for k in ("af", "torch")}
         t_w = median_time(lambda: af.score(model, progress=False), args.repeats)
         t_hr = float("nan") if args.skip_hrank else median_time(lambda: hrank_scorer(model, loader), 1, warmup=0)
-        rel = lambda t: f"{t:.2f} s ({t / t_inf:.2f}×)"
-        rows.append([f"{name}, {n}×{bs}", f"{t_inf:.2f} s", rel(t_af), rel(t_torch),
+        rel = lambda t, r=None: f"{t:.2f} s ({(r if r is not None else t / t_inf):.2f}×)"
+        rows.append([f"{name}, {n}×{bs}", f"{t_inf:.2f} s", rel(t_af, ratio["af"]), rel(t_torch, ratio["torch"]),
                      "skipped" if math.isnan(t_hr) else rel(t_hr), f"{t_hr / t_af:.1f}×" if not math.isnan(t_hr) else "-",
                      f"{t_w * 1e3:.0f} ms"])
         report = af.score(model, loader, progress=False)
@@ -150,7 +152,8 @@ def main() -> None:
         exact = af.score(model, loader, progress=False, precision="float64")
         agree.append([name, f"{max(abs(ls.afie - reference[ls.name]) / reference[ls.name] for ls in report):.1e}",
                       f"{max(abs(ls.afie - reference[ls.name]) / reference[ls.name] for ls in exact):.1e}"])
-    print("score() against plain inference over the same loader (time, and × inference)")
+    print("score() against plain inference over the same loader (median time, and median of the per-round "
+          "ratio to inference)")
     print(table(["model, batches×size", "inference", "afie_fast score", "pure torch f64", "HRank-style",
                  "HRank / afie_fast", "weights AFIE"], rows))
     print("\nagreement with the pure-torch float64 scorer: max relative AFIE difference over layers")
