@@ -53,7 +53,11 @@ def comoments_update(y: torch.Tensor, n: torch.Tensor, mean: torch.Tensor, m2: t
 
 def comoments_merge(a: tuple, b: tuple, scratch: torch.Tensor | None = None) -> None:
     """Merge state b = (n, mean, m2) into state a in place (same device)."""
-    _C.comoments_merge(*a, *b, _stream(a[1]), scratch)
+    if a[1].is_cuda:
+        with torch.cuda.device(a[1].device):
+            _C.comoments_merge(*a, *b, _stream(a[1]), scratch)
+    else:
+        _C.comoments_merge(*a, *b, 0, scratch)
 
 
 def eigh(a: torch.Tensor, vectors: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
