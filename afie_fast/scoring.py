@@ -185,7 +185,12 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
 
     eps = torch.finfo(getattr(torch, precision) if dev.type == "cpu" else torch.float32).eps
     need_vectors = "independence" in criteria
-    covs = {name: acc.covariance().to("cpu", torch.float64) for name, acc in accs.items()}
+    covs = {}
+    for name, acc in accs.items():
+        try:
+            covs[name] = acc.covariance().to("cpu", torch.float64)
+        except ValueError as exc:
+            raise ValueError(f"layer {name!r}: {exc} (score it on more data)") from None
     eig = eigh_by_width(covs, need_vectors)
     layer_scores = []
     for name, conv in convs.items():

@@ -183,6 +183,9 @@ def test_bad_inputs():
         af.score(model, loader(), source="gradients", progress=False)
     with pytest.raises(ValueError, match="needs a loader"):
         af.score(model, source="activations", progress=False)
+    tiny = nn.Sequential(nn.Conv2d(3, 4, 8))  # one image → one 1×1 output: one observation
+    with pytest.raises(ValueError, match=r"layer '0': covariance needs at least 2 observations"):
+        af.score(tiny, [torch.randn(1, 3, 8, 8)], progress=False)
     bad = torch.randn(2, 3, 8, 8)
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"layer '0', batch 0: .*NaN or Inf"):
