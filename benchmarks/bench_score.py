@@ -20,7 +20,6 @@ import math
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch

@@ -62,7 +62,7 @@ def main() -> None:
           f"{cell(base_acc)} %; fine-tune {args.finetune_epochs} epochs")
     for title, table in (("test accuracy after fine-tuning (%)", tuned), ("test accuracy right after pruning (%)", raw)):
         print(f"\n{title}")
-        print(f"| allocation | criterion    | " + " | ".join(f"{t:.0%} filters" for t in TARGETS) + " |")
+        print("| allocation | criterion    | " + " | ".join(f"{t:.0%} filters" for t in TARGETS) + " |")
         print("|---|---|" + "---|" * len(TARGETS))
         for alloc in ALLOCATIONS:
             for crit in CRITERIA:
