@@ -82,7 +82,8 @@ def weight_spectrum(conv: nn.Conv2d) -> torch.Tensor:
 
 def l1_scores(conv: nn.Conv2d) -> torch.Tensor:
     """L1 norm of each filter's weights."""
-    return conv.weight.detach().to("cpu", torch.float64).abs().flatten(1).sum(1)
+    w = conv.weight.detach().to("cpu").flatten(1)
+    return torch.linalg.vector_norm(w, 1, dim=1, dtype=torch.float64)  # no float64 copy of the weights
 
 
 def activation_spectrum(w: torch.Tensor, eps: float = torch.finfo(torch.float64).eps) -> torch.Tensor:
@@ -191,19 +192,24 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
             covs[name] = acc.covariance().to("cpu", torch.float64)
         except ValueError as exc:
             raise ValueError(f"layer {name!r}: {exc} (score it on more data)") from None
-    eig = eigh_by_width(covs, need_vectors)
+    # Eigenvalues in float32 arithmetic when the products were float32: they carry that
+    # rounding already, and wide layers solve twice as fast. "independence" needs accurate
+    # eigenvectors: a float64 solve of its own, so that AFIE never depends on criteria.
+    single = eps == torch.finfo(torch.float32).eps
+    mats = list(covs.values())
+    eigenvalues = dict(zip(covs, (w for w, _ in _ext.eigh_many(mats, single=single))))
+    pairs = dict(zip(covs, _ext.eigh_many(mats, vectors=True))) if need_vectors else {}
     layer_scores = []
     for name, conv in convs.items():
         acc, cov = accs[name], covs[name]
-        w, v = eig[name]
         scores: dict[str, torch.Tensor] = {}
         if "l1" in criteria:
             scores["l1"] = l1_scores(conv)
         if "variance" in criteria:
             scores["variance"] = cov.diagonal().clone()
         if need_vectors:
-            scores["independence"] = independence_scores(cov, w, v, eps)
-        layer_scores.append(_layer_score(name, conv, activation_spectrum(w, eps), scores, acc.count))
+            scores["independence"] = independence_scores(cov, *pairs[name], eps)
+        layer_scores.append(_layer_score(name, conv, activation_spectrum(eigenvalues[name], eps), scores, acc.count))
     meta.update(batches=n_batches, seconds=round(seconds, 3))
     report = AFIEReport(layer_scores, source="activations", meta=meta)
     if progress:
@@ -211,20 +217,6 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
         print(f"afie_fast: scored {len(report)} conv layers on {n_batches} batches "
               f"({obs:,} activation vectors) in {seconds:.2f} s")
     return report
-
-
-def eigh_by_width(covs: dict[str, torch.Tensor], vectors: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Eigenpairs of every layer's covariance, one batched core call per width (the core
-    spreads a batch over its threads)."""
-    out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    by_width: dict[int, list[str]] = {}
-    for name, cov in covs.items():
-        by_width.setdefault(cov.shape[0], []).append(name)
-    for names in by_width.values():
-        w, v = _ext.eigh(torch.stack([covs[n] for n in names]), vectors=vectors)
-        for i, n in enumerate(names):
-            out[n] = (w[i], v[i] if vectors else None)
-    return out
 
 
 def stream_activations(model: nn.Module, loader: Iterable, convs: dict[str, nn.Conv2d], device: torch.device,

@@ -226,25 +226,33 @@ void comoments_merge(py::handle na_o, py::handle ma_o, py::handle m2a_o, py::han
     afie::comoments_merge_cpu(C, ptr<double>(na), ptr<float>(ma), ptr<float>(m2a), ptr<double>(nb), ptr<float>(mb), ptr<float>(m2b));
 }
 
-void eigh(py::handle a_o, py::handle w_o, py::object v_o, int threads) {
-  Buffer a(a_o, "a"), w(w_o, "w");
-  a.expect_dtype(DType::f64);
-  a.expect_cpu("eigh");
-  if (a.ndim() != 3 || a.shape[1] != a.shape[2])
-    throw py::value_error("a: expected a (B, C, C) batch of square matrices, got shape " + Buffer::fmt(a.shape));
-  a.expect_contiguous();
-  const int64_t B = a.shape[0], C = a.shape[1];
-  for (Buffer* b : {&w}) b->expect_dtype(DType::f64), b->expect_contiguous(), b->expect_same_device(a);
-  w.expect_shape({B, C});
-  double* vp = nullptr;
-  std::unique_ptr<Buffer> v;
-  if (!v_o.is_none()) {
-    v = std::make_unique<Buffer>(v_o, "v");
-    v->expect_dtype(DType::f64), v->expect_contiguous(), v->expect_same_device(a), v->expect_shape({B, C, C});
-    vp = ptr<double>(*v);
+void eigh(py::list a_l, py::list w_l, py::object v_o, int threads, bool single) {
+  const bool vectors = !v_o.is_none();
+  py::list v_l = vectors ? py::list(v_o) : py::list();
+  if (w_l.size() != a_l.size() || (vectors && v_l.size() != a_l.size()))
+    throw py::value_error("eigh: a, w (and v) must be lists of the same length");
+  std::vector<std::unique_ptr<Buffer>> held;  // borrowed views stay alive while LAPACK runs
+  std::vector<afie::EighJob> jobs;
+  for (size_t i = 0; i < a_l.size(); ++i) {
+    const std::string at = "a[" + std::to_string(i) + "]", wt = "w[" + std::to_string(i) + "]",
+                      vt = "v[" + std::to_string(i) + "]";
+    auto& a = *held.emplace_back(std::make_unique<Buffer>(a_l[i], at.c_str()));
+    a.expect_dtype(DType::f64), a.expect_cpu("eigh"), a.expect_contiguous();
+    if (a.ndim() != 2 || a.shape[0] != a.shape[1])
+      throw py::value_error(at + ": expected a square (C, C) matrix, got shape " + Buffer::fmt(a.shape));
+    const int64_t C = a.shape[0];
+    auto& w = *held.emplace_back(std::make_unique<Buffer>(w_l[i], wt.c_str()));
+    w.expect_dtype(DType::f64), w.expect_contiguous(), w.expect_same_device(a), w.expect_shape({C});
+    double* vp = nullptr;
+    if (vectors) {
+      auto& v = *held.emplace_back(std::make_unique<Buffer>(v_l[i], vt.c_str()));
+      v.expect_dtype(DType::f64), v.expect_contiguous(), v.expect_same_device(a), v.expect_shape({C, C});
+      vp = ptr<double>(v);
+    }
+    jobs.push_back({C, ptr<double>(a), ptr<double>(w), vp});
   }
   py::gil_scoped_release nogil;
-  afie::eigh_batched_cpu(B, C, ptr<double>(a), ptr<double>(w), vp, threads);
+  afie::eigh_cpu(jobs, single, threads);
 }
 
 void singular_values(py::handle m_o, py::handle s_o, int threads) {
@@ -338,7 +346,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("comoments_merge", &comoments_merge, py::arg("n_a"), py::arg("mean_a"), py::arg("m2_a"), py::arg("n_b"),
         py::arg("mean_b"), py::arg("m2_b"), py::arg("stream") = 0, py::arg("scratch") = py::none(), "Merge state b into state a (Chan et al.).");
   m.def("eigh", &eigh, py::arg("a"), py::arg("w"), py::arg("v") = py::none(), py::arg("threads") = 1,
-        "Eigenvalues (ascending) into w [B, C] and optionally eigenvectors into v [B, C, C] of a [B, C, C].");
+        py::arg("single") = false,
+        "For each symmetric a[i] [C_i, C_i] (lists), eigenvalues (ascending) into w[i] [C_i] and optionally "
+        "eigenvectors into v[i] [C_i, C_i]; widest first over the threads; single: solve in float32.");
   m.def("singular_values", &singular_values, py::arg("m"), py::arg("s"), py::arg("threads") = 1,
         "Singular values (descending) of m [R, K] into s [min(R, K)].");
   m.def("leave_one_out", &leave_one_out, py::arg("w"), py::arg("v"), py::arg("out"), py::arg("threads") = 1,

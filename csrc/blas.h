@@ -28,6 +28,9 @@ void AFIE_BLAS(sgemm_)(const char* ta, const char* tb, const int* m, const int* 
 void AFIE_BLAS(dsyevd_)(const char* jobz, const char* uplo, const int* n, double* a,
                         const int* lda, double* w, double* work, const int* lwork, int* iwork,
                         const int* liwork, int* info, size_t, size_t);
+void AFIE_BLAS(ssyevd_)(const char* jobz, const char* uplo, const int* n, float* a,
+                        const int* lda, float* w, float* work, const int* lwork, int* iwork,
+                        const int* liwork, int* info, size_t, size_t);
 void AFIE_BLAS(dgesdd_)(const char* jobz, const int* m, const int* n, double* a, const int* lda,
                         double* s, double* u, const int* ldu, double* vt, const int* ldvt,
                         double* work, const int* lwork, int* iwork, int* info, size_t);
@@ -62,6 +65,16 @@ inline void gemm(const char* ta, const char* tb, int m, int n, int k, const floa
                  int ldb, float* c, int ldc) {
   const float one = 1.0f, zero = 0.0f;
   AFIE_BLAS(sgemm_)(ta, tb, &m, &n, &k, &one, a, &lda, b, &ldb, &zero, c, &ldc, 1, 1);
+}
+
+// Typed dispatch to the Fortran symmetric eigensolver (divide and conquer).
+inline void syevd(const char* jobz, int n, double* a, double* w, double* work, int lwork, int* iwork, int liwork,
+                  int* info) {
+  AFIE_BLAS(dsyevd_)(jobz, "U", &n, a, &n, w, work, &lwork, iwork, &liwork, info, 1, 1);
+}
+inline void syevd(const char* jobz, int n, float* a, float* w, float* work, int lwork, int* iwork, int liwork,
+                  int* info) {
+  AFIE_BLAS(ssyevd_)(jobz, "U", &n, a, &n, w, work, &lwork, iwork, &liwork, info, 1, 1);
 }
 
 // Rows [i0, i0 + mi) × columns [j0, j0 + mj) (j0 ≥ i0) of the upper triangle of the

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -158,7 +159,8 @@ void update_impl(const Batch4& y, double* n, Acc* mean, Acc* m2, int threads) {
   // next to its C²·k SYRK. Enough chunks for every thread: split observations; too few
   // (wide layers, small maps): one chunk at a time, its SYRK split by blocks instead.
   const int64_t workers_max = std::max(1, threads);
-  int64_t chunk = std::max<int64_t>((int64_t{1} << 21) / int64_t(sizeof(Work)) / std::max<int64_t>(C, 1), C);
+  static const int64_t budget = std::getenv("AFIE_CHUNK") ? std::atoll(std::getenv("AFIE_CHUNK")) : (int64_t{1} << 21);
+  int64_t chunk = std::max<int64_t>(budget / int64_t(sizeof(Work)) / std::max<int64_t>(C, 1), C);
   chunk = std::clamp<int64_t>(std::min(chunk, (m + workers_max - 1) / workers_max), std::min<int64_t>(std::max<int64_t>(C, 256), m), m);
   const int64_t chunks = (m + chunk - 1) / chunk;
   const int64_t workers = chunks >= workers_max ? workers_max : 1;

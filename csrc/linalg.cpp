@@ -1,8 +1,10 @@
 #include "linalg.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -18,32 +20,56 @@ void check_info(int info, const char* routine) {
     throw std::runtime_error(std::string(routine) + " failed (info = " + std::to_string(info) + ")");
 }
 
-// One dsyevd on a private copy; workspace sized by a query.
+// One syevd in precision T on a private copy; workspace sized by a query.
+template <class T>
 struct Syevd {
   int n;
   bool vectors;
-  std::vector<double> a, work;
+  std::vector<T> a, w, work;
   std::vector<int> iwork;
 
-  Syevd(int n_, bool vectors_) : n(n_), vectors(vectors_), a(size_t(n_) * n_) {
-    double wq = 0;
-    int iq = 0, info = 0, lw = -1, liw = -1;
-    AFIE_BLAS(dsyevd_)(vectors ? "V" : "N", "U", &n, a.data(), &n, nullptr, &wq, &lw, &iq, &liw, &info, 1, 1);
-    check_info(info, "dsyevd workspace query");
+  Syevd(int n_, bool vectors_) : n(n_), vectors(vectors_), a(size_t(n_) * n_), w(n_) {
+    T wq = 0;
+    int iq = 0, info = 0;
+    blas::syevd(vectors ? "V" : "N", n, a.data(), w.data(), &wq, -1, &iq, -1, &info);
+    check_info(info, "syevd workspace query");
     work.resize(size_t(wq) + 1);
     iwork.resize(size_t(std::max(iq, 1)));
   }
 
-  void operator()(const double* src, double* w, double* v) {
+  void operator()(const double* src, double* w_out, double* v) {
     std::copy(src, src + a.size(), a.begin());  // row-major lower == column-major upper
-    int lw = int(work.size()), liw = int(iwork.size()), info = 0;
-    AFIE_BLAS(dsyevd_)(vectors ? "V" : "N", "U", &n, a.data(), &n, w, work.data(), &lw, iwork.data(), &liw, &info, 1, 1);
-    check_info(info, "dsyevd");
+    int info = 0;
+    blas::syevd(vectors ? "V" : "N", n, a.data(), w.data(), work.data(), int(work.size()), iwork.data(),
+                int(iwork.size()), &info);
+    check_info(info, "syevd");
+    std::copy(w.begin(), w.end(), w_out);
     if (v)  // column-major eigenvectors → row-major with eigenvectors as columns
       for (int r = 0; r < n; ++r)
         for (int i = 0; i < n; ++i) v[size_t(r) * n + i] = a[r + size_t(i) * n];
   }
 };
+
+template <class T>
+void eigh_jobs(const std::vector<EighJob>& jobs, int threads) {
+  std::vector<size_t> order(jobs.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  // Widest first, each worker taking the next job when free: the longest-processing-time
+  // rule, so one wide matrix does not run alone at the end.
+  std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return jobs[x].C > jobs[y].C; });
+  std::atomic<size_t> next{0};
+  blas::use_threads(1);
+  fork_join(std::min<int64_t>(std::max(threads, 1), int64_t(jobs.size())), [&](int64_t) {
+    std::unique_ptr<Syevd<T>> solve;
+    for (size_t q; (q = next.fetch_add(1)) < order.size();) {
+      const EighJob& job = jobs[order[q]];
+      if (job.C == 0) continue;
+      if (!solve || solve->n != job.C || solve->vectors != (job.v != nullptr))
+        solve = std::make_unique<Syevd<T>>(int(job.C), job.v != nullptr);
+      (*solve)(job.a, job.w, job.v);
+    }
+  });
+}
 
 // The root of Σ_i z_i / (e_i − x) = 0 strictly between the poles e[k] < e[k+1] (e holds
 // the active poles shifted so that one of these two is 0, which keeps the root's
@@ -133,18 +159,9 @@ void leave_one_out_row(int64_t C, const double* w, const double* v, int64_t j, d
 
 }  // namespace
 
-void eigh_batched_cpu(int64_t B, int64_t C, const double* a, double* w, double* v, int threads) {
-  if (B == 0 || C == 0) return;
-  const bool vectors = v != nullptr;
-  const size_t cc = size_t(C) * C;
-  // One matrix per worker on the OpenMP pool, LAPACK single-threaded (see parallel.h).
-  blas::use_threads(1);
-  const int64_t workers = std::min<int64_t>(std::max(threads, 1), B);
-  fork_join(workers, [&](int64_t t) {
-    Syevd solve(int(C), vectors);
-    for (int64_t b = t * B / workers; b < (t + 1) * B / workers; ++b)
-      solve(a + b * cc, w + b * C, vectors ? v + b * cc : nullptr);
-  });
+void eigh_cpu(const std::vector<EighJob>& jobs, bool single, int threads) {
+  if (single) eigh_jobs<float>(jobs, threads);
+  else eigh_jobs<double>(jobs, threads);
 }
 
 void singular_values_cpu(int64_t R, int64_t K, const double* m, double* s, int threads) {

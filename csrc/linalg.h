@@ -2,17 +2,24 @@
 // leave-one-out spectra of a symmetric matrix from one eigendecomposition.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 namespace afie {
 
-// Eigenvalues (ascending) of B symmetric C×C matrices, and optionally eigenvectors.
-// a is read only (the lower triangle of each matrix, row-major, contiguous). Matrices are
-// spread over `threads` workers, each calling LAPACK single-threaded.
-void eigh_batched_cpu(int64_t B, int64_t C,
-                      const double* a,  // [B, C, C]
-                      double* w,        // [B, C]
-                      double* v,        // [B, C, C] or nullptr; v[b, :, i] is eigenvector i
-                      int threads);
+// One symmetric eigenproblem: the C×C row-major matrix a (its lower triangle is read),
+// eigenvalues w (ascending) and optionally eigenvectors v (v[:, i] is eigenvector i).
+struct EighJob {
+  int64_t C;
+  const double* a;
+  double* w;
+  double* v;  // [C, C] or nullptr
+};
+
+// Solves every job, the widest first, on up to `threads` workers that each take the next
+// job as they finish and call LAPACK single-threaded. single: solve in float32 (ssyevd),
+// about twice as fast on wide matrices, eigenvalues within ~1e-5 of the largest: for
+// covariances whose own entries carry float32 rounding.
+void eigh_cpu(const std::vector<EighJob>& jobs, bool single, int threads);
 
 // Singular values (descending) of an R×K row-major matrix.
 void singular_values_cpu(int64_t R, int64_t K,

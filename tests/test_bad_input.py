@@ -84,4 +84,10 @@ def test_low_level_mismatched_dtypes_and_shapes():
         _ext._C.leave_one_out(np.array([2.0, 1.0]), np.eye(2), np.zeros((2, 1)))
     with pytest.raises(ValueError, match="square"):
         _ext.eigh(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"a\[1\]: expected a square"):
+        _ext._C.eigh([np.eye(2), np.zeros((2, 3))], [np.zeros(2), np.zeros(2)])
+    with pytest.raises(TypeError, match=r"a\[0\]: expected dtype float64"):
+        _ext._C.eigh([np.eye(2, dtype=np.float32)], [np.zeros(2)])
+    with pytest.raises(ValueError, match="same length"):
+        _ext._C.eigh([np.eye(2)], [])
 

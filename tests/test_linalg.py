@@ -26,6 +26,30 @@ def test_eigh_batched_matches_numpy(np_rng):
     np.testing.assert_allclose(w_only.numpy(), w.numpy(), atol=1e-12)
 
 
+def test_eigh_many_mixed_sizes_match_numpy(np_rng):
+    sizes = [3, 40, 1, 17, 40, 120, 2]  # mixed, so the widest-first schedule reorders them
+    mats = [random_spd(np_rng, c, repeats=True) for c in sizes]
+    out = _ext.eigh_many([torch.from_numpy(a) for a in mats], vectors=True)
+    for a, (w, v) in zip(mats, out):
+        np.testing.assert_allclose(w.numpy(), np.linalg.eigvalsh(a), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(a @ v.numpy(), v.numpy() * w.numpy(), atol=1e-11)
+
+
+def test_eigh_many_single_precision_stays_under_the_float32_floor(np_rng):
+    # score() zeroes eigenvalues under C·eps32·max for float32 products; a float32 solve
+    # must move each eigenvalue by less than that floor.
+    for c in (64, 300):
+        x = np_rng.normal(size=(c, 3 * c)) * np_rng.uniform(0.01, 10, size=(c, 1))
+        a = np.cov(x)
+        (w, none), = _ext.eigh_many([torch.from_numpy(a)], single=True)
+        ref = np.linalg.eigvalsh(a)
+        assert none is None and w.dtype == torch.float64
+        err = np.abs(w.numpy() - ref).max()
+        assert 0 < err <= c * np.finfo(np.float32).eps * ref.max()
+    with pytest.raises(ValueError, match="eigenvalues only"):
+        _ext.eigh_many([torch.eye(3, dtype=torch.float64)], vectors=True, single=True)
+
+
 @pytest.mark.parametrize("shape", [(9, 4), (4, 9), (1, 5), (30, 30)])
 def test_singular_values_match_numpy(np_rng, shape):
     m = np_rng.normal(size=shape)
