@@ -56,11 +56,12 @@ double copy_sum(const void* data, int64_t off, int64_t s, int64_t len, Work* __r
 }
 
 // One read of observations [o0, o1): converts them into buf (channel-major [C, k] or
-// observation-major [k, C]) and sums each channel in double.
+// observation-major [k, C]; k = ld when given, buf then pointing at this slice's first
+// column or row of a wider chunk) and sums each channel in double.
 template <DType T, class Work>
 void fill_and_sum(const Batch4& y, const Runs& r, int64_t o0, int64_t o1, bool obs_major, Work* __restrict buf,
-                  double* __restrict sums) {
-  const int64_t k = o1 - o0;
+                  double* __restrict sums, int64_t ld = 0) {
+  const int64_t k = ld ? ld : o1 - o0;
   std::fill(sums, sums + r.C, 0.0);
   for_each_run(r, o0, o1, [&](int64_t off, int64_t s, int64_t len, int64_t j) {
     if (obs_major) {  // channels are contiguous (sC == 1): one observation per row
@@ -79,9 +80,10 @@ void fill_and_sum(const Batch4& y, const Runs& r, int64_t o0, int64_t o1, bool o
   });
 }
 
-// buf −= mu, in the layout fill_and_sum wrote (the chunk is still in cache).
+// buf −= mu for k observations, in the layout fill_and_sum wrote (the chunk is still in
+// cache); ld: row length of a channel-major chunk this is a slice of.
 template <class Work>
-void centre(int64_t C, int64_t k, bool obs_major, const double* mu, Work* buf) {
+void centre(int64_t C, int64_t k, bool obs_major, const double* mu, Work* buf, int64_t ld = 0) {
   if (obs_major) {
     std::vector<Work> m(mu, mu + C);
     for (int64_t t = 0; t < k; ++t)
@@ -89,7 +91,7 @@ void centre(int64_t C, int64_t k, bool obs_major, const double* mu, Work* buf) {
   } else {
     for (int64_t c = 0; c < C; ++c) {
       const Work mc = static_cast<Work>(mu[c]);
-      Work* row = buf + c * k;
+      Work* row = buf + c * (ld ? ld : k);
       for (int64_t t = 0; t < k; ++t) row[t] -= mc;
     }
   }
@@ -111,14 +113,43 @@ void fold_upper(int64_t C, double& na, A* mean_a, A* m2_a, double nb, const doub
   na = nt;
 }
 
-// Lower triangle ← upper, in tiles so both sides stay in cache.
-template <class A>
-void mirror(int64_t C, A* m) {
-  constexpr int64_t B = 32;
-  for (int64_t i0 = 0; i0 < C; i0 += B)
-    for (int64_t j0 = i0; j0 < C; j0 += B)
-      for (int64_t i = i0; i < std::min(C, i0 + B); ++i)
-        for (int64_t j = std::max(j0, i + 1); j < std::min(C, j0 + B); ++j) m[j * C + i] = m[i * C + j];
+// The caller's state ← state ⊕ (nb, mean_b, M2_b), M2_b read from the upper triangle of
+// b, written to both triangles in one tiled pass (no separate mirror) split over
+// `workers` by equal areas of the triangle: for wide layers this pass over the C×C
+// double state costs as much as a slice of the SYRK.
+template <class A, class B>
+void fold_state(int64_t C, double* n, A* mean, A* m2, double nb, const double* mean_b, const B* b, int64_t workers) {
+  const double na = *n, nt = na + nb, w = na * nb / nt;
+  std::vector<double> delta(C, 0.0);
+  if (na > 0)
+    for (int64_t c = 0; c < C; ++c) delta[c] = mean_b[c] - static_cast<double>(mean[c]);
+  constexpr int64_t T = 32;
+  const int64_t tiles = (C + T - 1) / T;
+  workers = std::max<int64_t>(1, std::min(workers, tiles));
+  std::vector<int64_t> edge(workers + 1, tiles);  // tile rows [edge[t], edge[t+1]) per worker
+  edge[0] = 0;
+  for (int64_t t = 1, row = 0; t < workers; ++t) {
+    const double share = double(t) / double(workers), all = double(tiles) * double(tiles);
+    while (row < tiles && 1.0 - double(tiles - row) * double(tiles - row) / all < share) ++row;
+    edge[t] = row;
+  }
+  fork_join(workers, [&](int64_t t) {
+    for (int64_t bi = edge[t]; bi < edge[t + 1]; ++bi)
+      for (int64_t bj = bi; bj < tiles; ++bj)
+        for (int64_t i = bi * T; i < std::min(C, bi * T + T); ++i) {
+          const double wi = w * delta[i];
+          A* row = m2 + i * C;
+          const B* brow = b + i * C;
+          for (int64_t j = std::max(bj * T, i); j < std::min(C, bj * T + T); ++j) {
+            const double v = static_cast<double>(brow[j]) + wi * delta[j];
+            row[j] = static_cast<A>(na > 0 ? static_cast<double>(row[j]) + v : v);
+            m2[j * C + i] = row[j];
+          }
+        }
+  });
+  for (int64_t c = 0; c < C; ++c)
+    mean[c] = static_cast<A>(na > 0 ? static_cast<double>(mean[c]) + delta[c] * (nb / nt) : mean_b[c]);
+  *n = nt;
 }
 
 // C[upper] = A·Aᵀ for one chunk, its upper-triangle blocks spread over `workers`
@@ -142,6 +173,59 @@ void syrk_upper_parallel(bool obs_major, int64_t C, int64_t k, const Work* a, Wo
   });
 }
 
+// Per-thread scratch that outlives a call: fresh multi-MiB vectors each batch would cost a
+// page fault per 4 KiB (and the pool's threads persist, so this is bounded).
+template <class Work>
+struct Scratch {
+  std::vector<Work> buf, cm2;
+  std::vector<double> sums, mu, mean, m2;
+  static Scratch& get() {
+    thread_local Scratch s;
+    return s;
+  }
+};
+
+// Layers at least this wide take every thread to each step of one chunk (update_wide): a
+// per-thread partial state of C² doubles would cost more to fold than it saves.
+constexpr int64_t kWide = 512;
+
+// A wide layer, chunk by chunk, all threads on each step: fill their slices of the chunk,
+// centre them on the chunk's mean, SYRK blocks, then the fused fold into the state.
+// Several chunks (large maps) gather in a private state first, so a non-finite value in
+// a later chunk still leaves the caller's state untouched.
+template <class Acc, class Work>
+void update_wide(const Batch4& y, const Runs& r, bool obs_major, double* n, Acc* mean, Acc* m2, int64_t workers) {
+  const int64_t C = y.shape[1], m = y.shape[0] * y.shape[2] * y.shape[3];
+  // Up to 16 MiB of Work per chunk (the fold over C² is paid per chunk); at least C.
+  const int64_t chunk = std::min(m, std::max<int64_t>((int64_t{1} << 24) / int64_t(sizeof(Work)) / C, C));
+  Scratch<Work>& s = Scratch<Work>::get();
+  s.buf.resize(size_t(chunk * C)), s.cm2.resize(size_t(C * C)), s.mu.resize(C), s.sums.resize(size_t(workers * C));
+  const bool direct = chunk == m;
+  double n_own = 0;
+  if (!direct) s.mean.resize(C), s.m2.resize(size_t(C * C));
+  for (int64_t o0 = 0; o0 < m; o0 += chunk) {
+    const int64_t o1 = std::min(m, o0 + chunk), k = o1 - o0;
+    auto first = [&](int64_t t) { return o0 + k * t / workers; };
+    auto slice = [&](int64_t t) { return s.buf.data() + (obs_major ? (first(t) - o0) * C : first(t) - o0); };
+    fork_join(workers, [&](int64_t t) {
+      dispatch_dtype(y.dtype, [&]<DType T>() {
+        fill_and_sum<T, Work>(y, r, first(t), first(t + 1), obs_major, slice(t), s.sums.data() + t * C, k);
+      });
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      double total = 0;
+      for (int64_t t = 0; t < workers; ++t) total += s.sums[t * C + c];
+      if (!std::isfinite(total)) throw BadInput("batch contains NaN or Inf values");
+      s.mu[c] = total / double(k);
+    }
+    fork_join(workers, [&](int64_t t) { centre(C, first(t + 1) - first(t), obs_major, s.mu.data(), slice(t), k); });
+    syrk_upper_parallel(obs_major, C, k, s.buf.data(), s.cm2.data(), workers);
+    if (direct) fold_state(C, n, mean, m2, double(k), s.mu.data(), s.cm2.data(), workers);
+    else fold_state(C, &n_own, s.mean.data(), s.m2.data(), double(k), s.mu.data(), s.cm2.data(), workers);
+  }
+  if (!direct) fold_state(C, n, mean, m2, n_own, s.mean.data(), s.m2.data(), workers);
+}
+
 // The batch, chunk by chunk: fill (one read of the input), centre on the chunk's mean,
 // SYRK into the chunk co-moment, fold into a running state. Each worker thread takes a
 // contiguous run of chunks with its own state (and single-threaded BLAS, see
@@ -153,26 +237,21 @@ void update_impl(const Batch4& y, double* n, Acc* mean, Acc* m2, int threads) {
   const int64_t C = y.shape[1];
   const int64_t m = y.shape[0] * y.shape[2] * y.shape[3];
   if (m == 0) throw BadInput("empty batch: it holds no observations (N*H*W == 0)");
+  const int64_t workers_max = std::max(1, threads);
+  const bool obs_major = r.sC == 1 && r.sL != 1;  // read memory in order either way
+  blas::use_threads(1);
+  if (C >= kWide && workers_max > 1 && m >= 2 * workers_max) return update_wide<Acc, Work>(y, r, obs_major, n, mean, m2, workers_max);
   // Chunks of ≤ 2 MiB of Work values stay in cache between fill, centre and SYRK; at
   // least 256 observations keep SYRK efficient and the per-chunk O(C²) fold negligible.
   // Chunks also hold at least C observations, so the O(C²) fold of each stays small
   // next to its C²·k SYRK. Enough chunks for every thread: split observations; too few
-  // (wide layers, small maps): one chunk at a time, its SYRK split by blocks instead.
-  const int64_t workers_max = std::max(1, threads);
-  static const int64_t budget = std::getenv("AFIE_CHUNK") ? std::atoll(std::getenv("AFIE_CHUNK")) : (int64_t{1} << 21);
-  int64_t chunk = std::max<int64_t>(budget / int64_t(sizeof(Work)) / std::max<int64_t>(C, 1), C);
+  // (small maps): one chunk at a time, its SYRK split by blocks instead.
+  int64_t chunk = std::max<int64_t>((int64_t{1} << 21) / int64_t(sizeof(Work)) / std::max<int64_t>(C, 1), C);
   chunk = std::clamp<int64_t>(std::min(chunk, (m + workers_max - 1) / workers_max), std::min<int64_t>(std::max<int64_t>(C, 256), m), m);
   const int64_t chunks = (m + chunk - 1) / chunk;
   const int64_t workers = chunks >= workers_max ? workers_max : 1;
   const int64_t syrk_workers = chunks >= workers_max ? 1 : workers_max;
-  const bool obs_major = r.sC == 1 && r.sL != 1;  // read memory in order either way
 
-  // Per-thread scratch that outlives the call: fresh multi-MiB vectors each batch would
-  // cost a page fault per 4 KiB (and the pool's threads persist, so this is bounded).
-  struct Scratch {
-    std::vector<Work> buf, cm2;
-    std::vector<double> sums, mu, mean, m2;
-  };
   struct Partial {
     double n = 0;
     double* mean = nullptr;
@@ -180,9 +259,8 @@ void update_impl(const Batch4& y, double* n, Acc* mean, Acc* m2, int threads) {
   };
   std::vector<Partial> parts(workers);
   const bool direct = workers == 1 && chunks == 1;  // one chunk folds straight into the state
-  blas::use_threads(1);
   fork_join(workers, [&](int64_t t) {
-    thread_local Scratch s;
+    Scratch<Work>& s = Scratch<Work>::get();
     s.buf.resize(size_t(chunk * C)), s.cm2.resize(size_t(C * C)), s.sums.resize(C), s.mu.resize(C);
     Partial& part = parts[t];
     if (!direct) {
@@ -199,7 +277,7 @@ void update_impl(const Batch4& y, double* n, Acc* mean, Acc* m2, int threads) {
       centre(C, k, obs_major, s.mu.data(), s.buf.data());
       syrk_upper_parallel(obs_major, C, k, s.buf.data(), s.cm2.data(), syrk_workers);
       if (direct) {
-        fold_upper(C, *n, mean, m2, double(k), s.mu.data(), s.cm2.data());
+        fold_state(C, n, mean, m2, double(k), s.mu.data(), s.cm2.data(), 1);
       } else if (part.n == 0) {  // the first chunk is the partial state
         std::copy(s.mu.begin(), s.mu.end(), part.mean);
         for (int64_t i = 0; i < C; ++i)
@@ -211,8 +289,7 @@ void update_impl(const Batch4& y, double* n, Acc* mean, Acc* m2, int threads) {
     }
   });
   if (!direct)
-    for (const Partial& part : parts) fold_upper(C, *n, mean, m2, part.n, part.mean, part.m2);
-  mirror(C, m2);
+    for (const Partial& part : parts) fold_state(C, n, mean, m2, part.n, part.mean, part.m2, workers_max);
 }
 
 }  // namespace
@@ -231,8 +308,7 @@ void comoments_merge_cpu(int64_t C, double* n_a, Acc* mean_a, Acc* m2_a, const d
                          const Acc* m2_b) {
   if (*n_b == 0) return;
   std::vector<double> mb(mean_b, mean_b + C);
-  fold_upper(C, *n_a, mean_a, m2_a, *n_b, mb.data(), m2_b);
-  mirror(C, m2_a);
+  fold_state(C, n_a, mean_a, m2_a, *n_b, mb.data(), m2_b, 1);
 }
 
 template void comoments_update_cpu<double>(const Batch4&, double*, double*, double*, int, bool);

@@ -111,3 +111,43 @@ def test_numpy_arrays_reach_the_core(np_rng):
     _ext._C.comoments_update(y, n, mean, m2)
     x = y.transpose(0, 2, 3, 1).reshape(-1, 4)
     np.testing.assert_allclose(m2 / (n[0] - 1), np.cov(x, rowvar=False), rtol=1e-12)
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """Wide layers take an all-threads path only with more than one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("compute_dtype", [torch.float64, torch.float32])
+def test_wide_layers_match_np_cov(gen, layout, compute_dtype, threads):
+    # 520 channels (≥ 512: the wide path) and 4,800 observations per batch: two of its
+    # chunks with float64 products, one with float32.
+    base = torch.randn(3, 1040, 40, 40, generator=gen, dtype=torch.float64) * 2 + 5
+    y = {"contiguous": base[:, :520], "channels_last": base[:, :520].contiguous(memory_format=torch.channels_last),
+         "sliced": base[:, ::2]}[layout].to(torch.float32)
+    acc = af.CovarianceAccumulator(520, compute_dtype=compute_dtype)
+    parts = [y[:2], y[2:]]
+    for p in parts:
+        acc.update(p)
+    mean, cov = reference_cov(parts)
+    tol = 1e-8 if compute_dtype == torch.float64 else 1e-5
+    assert acc.count == 3 * 1600
+    assert rel_err(acc.covariance().numpy(), cov) <= tol
+    assert rel_err(acc.mean.numpy(), mean) <= 1e-8
+    assert torch.equal(acc.comoment, acc.comoment.T)  # both triangles written
+
+
+def test_wide_layer_nonfinite_in_a_later_chunk_leaves_state_unchanged(gen, threads):
+    acc = af.CovarianceAccumulator(520).update(torch.randn(1, 520, 10, 10, generator=gen))
+    before = acc.state_dict()
+    y = torch.randn(3, 520, 40, 40, generator=gen)
+    y[-1, 7, -1, -1] = float("nan")  # the last observation: the second chunk of float64 products
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        acc.update(y)
+    after = acc.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
