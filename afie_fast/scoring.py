@@ -82,8 +82,9 @@ def weight_spectrum(conv: nn.Conv2d) -> torch.Tensor:
 
 def l1_scores(conv: nn.Conv2d) -> torch.Tensor:
     """L1 norm of each filter's weights."""
-    w = conv.weight.detach().to("cpu").flatten(1)
-    return torch.linalg.vector_norm(w, 1, dim=1, dtype=torch.float64)  # no float64 copy of the weights
+    # float32 sums (~1e-6 relative, enough to order filters) run 4x faster than float64
+    # ones, and score() computes this for every weight of the model.
+    return torch.linalg.vector_norm(conv.weight.detach().to("cpu").flatten(1), 1, dim=1).double()
 
 
 def activation_spectrum(w: torch.Tensor, eps: float = torch.finfo(torch.float64).eps) -> torch.Tensor:

@@ -89,7 +89,7 @@ def test_weights_match_reference(arch):
         assert ls.afie == pytest.approx(afie, rel=1e-6)
         np.testing.assert_allclose(ls.spectrum, s, rtol=1e-6, atol=1e-12)
         conv = dict(model.named_modules())[name]
-        np.testing.assert_allclose(ls.filter_scores["l1"], conv.weight.detach().double().abs().sum((1, 2, 3)), rtol=1e-12)
+        np.testing.assert_allclose(ls.filter_scores["l1"], conv.weight.detach().double().abs().sum((1, 2, 3)), rtol=1e-5)
         assert ls.shape_baseline == pytest.approx(math.log(len(s)) / ls.n_filters)
 
 
