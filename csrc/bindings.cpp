@@ -11,6 +11,7 @@
 
 #include "blas.h"
 #include "comoments.h"
+#include "gram.h"
 #include "dlpack.h"
 #include "entropy.h"
 #include "linalg.h"
@@ -357,4 +358,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("spectra_entropy", &spectra_entropy, py::arg("s"), py::arg("out"), py::arg("stream") = 0,
         "AFIE entropy of each row of s [B, p] into out [B] (CPU or CUDA; no finiteness check).");
   m.def("blas_info", &blas_info);
+  m.def("gram_kernel", &afie::gram_available,
+        "Whether narrow float32 co-moments run on the AVX2/FMA kernel of csrc/gram.cpp (else BLAS)");
 }

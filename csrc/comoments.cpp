@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "blas.h"
+#include "gram.h"
 #include "parallel.h"
 
 namespace afie {
@@ -172,6 +173,36 @@ void syrk_upper_parallel(bool obs_major, int64_t C, int64_t k, const Work* a, Wo
   });
 }
 
+// Channel-major chunk for gram_upper_add: sums[c] = Σ y[c, o0:o1] in double, then row c of buf
+// = y[c, o0:o1] − μ_c in float, zero-padded to ld. Channel by channel, so the second
+// read of a row comes from L1 (one pass copying and summing, then another centring,
+// would stream the whole chunk twice more).
+template <DType T>
+void fill_centred(const Batch4& y, const Runs& r, int64_t o0, int64_t o1, float* __restrict buf, int64_t ld,
+                  double* __restrict sums) {
+  const int64_t k = o1 - o0;
+  for (int64_t c = 0; c < r.C; ++c) {
+    double acc[8] = {};
+    for_each_run(r, o0, o1, [&](int64_t off, int64_t s, int64_t len, int64_t) {
+      off += c * r.sC;
+      int64_t t = 0;
+      if (s == 1)
+        for (; t + 8 <= len; t += 8)
+          for (int u = 0; u < 8; ++u) acc[u] += Load<T>::at(y.data, off + t + u);
+      for (; t < len; ++t) acc[t & 7] += Load<T>::at(y.data, off + t * s);
+    });
+    sums[c] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    if (!std::isfinite(sums[c])) throw BadInput("batch contains NaN or Inf values");
+    const float mu = static_cast<float>(sums[c] / double(k));
+    float* __restrict row = buf + c * ld;
+    for_each_run(r, o0, o1, [&](int64_t off, int64_t s, int64_t len, int64_t j) {
+      off += c * r.sC;
+      for (int64_t t = 0; t < len; ++t) row[j + t] = static_cast<float>(Load<T>::at(y.data, off + t * s)) - mu;
+    });
+    std::fill(row + k, row + ld, 0.0f);
+  }
+}
+
 // Per-thread scratch that outlives a call: fresh multi-MiB vectors each batch would cost a
 // page fault per 4 KiB (and the pool's threads persist, so this is bounded).
 template <class Work>
@@ -187,6 +218,10 @@ struct Scratch {
 // Layers at least this wide take every thread to each step of one chunk (update_wide): a
 // per-thread partial state of C² doubles would cost more to fold than it saves.
 constexpr int64_t kWide = 512;
+
+// Channel-major layers narrower than this with float products take gram_upper_add
+// (update_gram); from 256 channels on, its short L2-sized chunks lose to BLAS.
+constexpr int64_t kGramMax = 256;
 
 // A wide layer, chunk by chunk, all threads on each step: fill their slices of the chunk,
 // centre them on the chunk's mean, SYRK blocks, then the fused fold into the state.
@@ -225,6 +260,52 @@ void update_wide(const Batch4& y, const Runs& r, bool obs_major, double* n, Acc*
   if (!direct) fold_state(C, n, mean, m2, n_own, s.mean.data(), s.m2.data(), workers);
 }
 
+// Narrow channel-major layers with float products (see gram.h). Each worker takes a
+// contiguous run of L2-sized chunks, centres each on its own mean μ_b and adds its
+// products to a double partial S, then adds the chunks' means as one low-rank term,
+// M2 = S + Σ_b n_b (μ_b − μ)(μ_b − μ)ᵀ, in place of a Chan fold per chunk (for 256
+// channels those folds cost a sixth of the update). Workers fold into the caller's state
+// in order, so the result is deterministic; non-finite data throws before that.
+template <class Acc>
+void update_gram(const Batch4& y, const Runs& r, double* n, Acc* mean, Acc* m2, int64_t workers_max) {
+  const int64_t C = r.C, m = y.shape[0] * y.shape[2] * y.shape[3];
+  const int64_t chunk = std::min(m, std::max<int64_t>((int64_t{1} << 16) / C / kGramCols * kGramCols, 256));
+  const int64_t chunks = (m + chunk - 1) / chunk, workers = std::min(workers_max, chunks);
+  const int64_t ld = (chunk + kGramCols - 1) / kGramCols * kGramCols;
+  const int64_t rows = (C + kGramRows - 1) / kGramRows * kGramRows;
+  std::vector<double> part_n(workers);
+  std::vector<double*> part_mean(workers), part_m2(workers);
+  fork_join(workers, [&](int64_t t) {
+    Scratch<float>& s = Scratch<float>::get();
+    const int64_t q0 = t * chunks / workers, q1 = (t + 1) * chunks / workers;
+    s.buf.resize(size_t(rows * ld)), s.mu.resize(size_t((q1 - q0) * C)), s.mean.assign(C, 0.0);
+    s.m2.assign(size_t(C * C), 0.0);
+    std::fill(s.buf.begin() + C * ld, s.buf.end(), 0.0f);  // padding rows
+    double nt = 0;
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t o0 = q * chunk, o1 = std::min(m, o0 + chunk);
+      double* mu = s.mu.data() + (q - q0) * C;
+      dispatch_dtype(y.dtype, [&]<DType T>() { fill_centred<T>(y, r, o0, o1, s.buf.data(), ld, mu); });
+      gram_upper_add(s.buf.data(), C, ld, s.m2.data());
+      for (int64_t c = 0; c < C; ++c) s.mean[c] += mu[c], mu[c] /= double(o1 - o0);
+      nt += double(o1 - o0);
+    }
+    for (int64_t c = 0; c < C; ++c) s.mean[c] /= nt;
+    for (int64_t q = q0; q < q1; ++q) {
+      const double nb = double(std::min(m, q * chunk + chunk) - q * chunk);
+      double* d = s.mu.data() + (q - q0) * C;
+      for (int64_t c = 0; c < C; ++c) d[c] -= s.mean[c];
+      for (int64_t i = 0; i < C; ++i) {
+        const double wi = nb * d[i];
+        double* row = s.m2.data() + i * C;
+        for (int64_t j = i; j < C; ++j) row[j] += wi * d[j];
+      }
+    }
+    part_n[t] = nt, part_mean[t] = s.mean.data(), part_m2[t] = s.m2.data();
+  });
+  for (int64_t t = 0; t < workers; ++t) fold_state(C, n, mean, m2, part_n[t], part_mean[t], part_m2[t], workers_max);
+}
+
 // The batch, chunk by chunk: fill (one read of the input), centre on the chunk's mean,
 // SYRK into the chunk co-moment, fold into a running state. Each worker thread takes a
 // contiguous run of chunks with its own state (and single-threaded BLAS, see
@@ -240,6 +321,8 @@ void update_impl(const Batch4& y, double* n, Acc* mean, Acc* m2, int threads) {
   const bool obs_major = r.sC == 1 && r.sL != 1;  // read memory in order either way
   blas::use_threads(1);
   if (C >= kWide && workers_max > 1 && m >= 2 * workers_max) return update_wide<Acc, Work>(y, r, obs_major, n, mean, m2, workers_max);
+  if constexpr (std::is_same_v<Work, float>)
+    if (!obs_major && C < kGramMax && gram_available()) return update_gram(y, r, n, mean, m2, workers_max);
   // Chunks of ≤ 2 MiB of Work values stay in cache between fill, centre and SYRK; at
   // least 256 observations keep SYRK efficient and the per-chunk O(C²) fold negligible.
   // Chunks also hold at least C observations, so the O(C²) fold of each stays small

@@ -151,3 +151,56 @@ def test_wide_layer_nonfinite_in_a_later_chunk_leaves_state_unchanged(gen, threa
         acc.update(y)
     after = acc.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def cpu_has_avx2_fma():
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read().split()
+    except OSError:
+        return None
+    return "avx2" in flags and "fma" in flags
+
+
+def test_gram_kernel_is_used_where_the_cpu_has_it():
+    # Narrow NCHW layers with float32 products run on csrc/gram.cpp when AVX2+FMA exist;
+    # the tests below then check that kernel, not the BLAS fallback.
+    from afie_fast import _ext
+
+    has = cpu_has_avx2_fma()
+    if has is None:
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    assert _ext._C.gram_kernel() == has
+
+
+@pytest.mark.parametrize("channels", [1, 5, 13, 64, 200])
+@pytest.mark.parametrize("layout", ["contiguous", "sliced", "float16"])
+def test_float32_products_narrow_layers_match_np_cov(gen, channels, layout, threads):
+    # Channel counts off the kernel's 3×4 tiles, maps of 13×11 (chunks end mid-image and
+    # are not whole 8-wide steps), several chunks per thread for 64 and 200 channels,
+    # means far from zero.
+    base = torch.randn(24, 2 * channels, 13, 22, generator=gen, dtype=torch.float64)
+    base = base * torch.rand(2 * channels, 1, 1, generator=gen, dtype=torch.float64) * 3 + 40
+    y = {"contiguous": base[:, :channels, :, :11].contiguous(), "sliced": base[:, ::2, :, ::2],
+         "float16": base[:, :channels, :, :11].contiguous()}[layout]
+    y = y.to(torch.float16 if layout == "float16" else torch.float32)
+    acc = af.CovarianceAccumulator(channels, compute_dtype=torch.float32)
+    parts = torch.split(y, random_splits(y.shape[0], gen, parts=3))
+    for p in parts:
+        acc.update(p)
+    mean, cov = reference_cov(parts)
+    assert acc.count == y.shape[0] * y.shape[2] * y.shape[3]
+    assert rel_err(acc.covariance().numpy(), cov) <= 2e-5
+    assert rel_err(acc.mean.numpy(), mean) <= 1e-8
+    assert torch.equal(acc.comoment, acc.comoment.T)
+
+
+def test_float32_products_nonfinite_leaves_state_unchanged(gen, threads):
+    acc = af.CovarianceAccumulator(64, compute_dtype=torch.float32).update(torch.randn(2, 64, 32, 32, generator=gen))
+    before = acc.state_dict()
+    y = torch.randn(8, 64, 32, 32, generator=gen)
+    y[-1, 63, -1, -1] = float("inf")  # the last chunk of the last thread
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        acc.update(y)
+    after = acc.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -1,0 +1,28 @@
+// The upper triangle of A·Aᵀ for a small row-major float block A: the co-moment kernel
+// of narrow layers (C < 512) in the channel-major (NCHW) layout, without BLAS.
+//
+// Why not SSYRK: a chunk's rows are channels with their observations contiguous, the
+// dot-product form of the product. OpenBLAS first repacks them into its outer-product
+// panels, a third pass over data that the fill and the centring have just written; for
+// 64–256 channels that packing and its bookkeeping cost more than the FLOPs. Reading
+// the rows in place from an L2-sized chunk halves the update of a 64-channel layer.
+#pragma once
+#include <cstdint>
+
+namespace afie {
+
+// Rows a block must be padded to (with zero rows) and the multiple its row length must
+// have (zero columns past the data): the kernel works in whole 3×4 tiles of 8-wide rows.
+constexpr int64_t kGramRows = 12;
+constexpr int64_t kGramCols = 8;
+
+// True when this CPU has the AVX2 and FMA instructions the kernel is built with.
+bool gram_available();
+
+// c[i·n + j] += Σ_t a[i·ld + t]·a[j·ld + t] for 0 ≤ i ≤ j < n (the lower triangle is
+// left alone). a holds round_up(n, kGramRows) rows of ld floats, ld a multiple of
+// kGramCols; the padding must be zero. Products accumulate in float, in 8 lanes per
+// entry, and each call's sums are added to c in double.
+void gram_upper_add(const float* a, int64_t n, int64_t ld, double* c);
+
+}  // namespace afie
