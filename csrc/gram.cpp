@@ -1,10 +1,15 @@
 #include "gram.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define AFIE_GRAM_X86 1
+#endif
+
 namespace afie {
+
+#ifdef AFIE_GRAM_X86
 
 bool gram_available() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -61,5 +66,20 @@ __attribute__((target("avx2,fma"))) void gram_upper_add(const float* a, int64_t 
     }
   }
 }
+
+#else  // other CPUs: BLAS does the work (comoments.cpp asks gram_available first)
+
+bool gram_available() { return false; }
+
+void gram_upper_add(const float* a, int64_t n, int64_t ld, double* c) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = i; j < n; ++j) {
+      float s = 0.0f;
+      for (int64_t t = 0; t < ld; ++t) s += a[i * ld + t] * a[j * ld + t];
+      c[i * n + j] += s;
+    }
+}
+
+#endif
 
 }  // namespace afie
