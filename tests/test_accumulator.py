@@ -21,6 +21,17 @@ def random_splits(n, gen, parts=4):
     return [b - a for a, b in zip([0] + cuts, cuts + [n])]
 
 
+def check_stream_matches_np_cov(acc, y, gen, cov_tol, parts=4):
+    """Stream y into acc in random parts; count, covariance and mean against np.cov."""
+    chunks = torch.split(y, random_splits(y.shape[0], gen, parts))
+    for p in chunks:
+        acc.update(p)
+    mean, cov = reference_cov(chunks)
+    assert acc.count == y.shape[0] * y.shape[2] * y.shape[3]
+    assert rel_err(acc.covariance().numpy(), cov) <= cov_tol
+    assert rel_err(acc.mean.numpy(), mean) <= 1e-8
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 def test_matches_np_cov(gen, dtype, layout):
@@ -32,14 +43,7 @@ def test_matches_np_cov(gen, dtype, layout):
         y = base.to(dtype).contiguous(memory_format=torch.channels_last)
     else:
         y = base.to(dtype)
-    parts = torch.split(y, random_splits(y.shape[0], gen))
-    acc = af.CovarianceAccumulator(y.shape[1])
-    for p in parts:
-        acc.update(p)
-    mean, cov = reference_cov(parts)
-    assert acc.count == y.shape[0] * y.shape[2] * y.shape[3]
-    assert rel_err(acc.covariance().numpy(), cov) <= 1e-8
-    assert rel_err(acc.mean.numpy(), mean) <= 1e-8
+    check_stream_matches_np_cov(af.CovarianceAccumulator(y.shape[1]), y, gen, cov_tol=1e-8)
 
 
 def test_large_means_unit_variance(gen):
@@ -183,13 +187,7 @@ def test_float32_products_narrow_layers_match_np_cov(gen, channels, layout, thre
          "float16": base[:, :channels, :, :11].contiguous()}[layout]
     y = y.to(torch.float16 if layout == "float16" else torch.float32)
     acc = af.CovarianceAccumulator(channels, compute_dtype=torch.float32)
-    parts = torch.split(y, random_splits(y.shape[0], gen, parts=3))
-    for p in parts:
-        acc.update(p)
-    mean, cov = reference_cov(parts)
-    assert acc.count == y.shape[0] * y.shape[2] * y.shape[3]
-    assert rel_err(acc.covariance().numpy(), cov) <= 2e-5
-    assert rel_err(acc.mean.numpy(), mean) <= 1e-8
+    check_stream_matches_np_cov(acc, y, gen, cov_tol=2e-5, parts=3)
     assert torch.equal(acc.comoment, acc.comoment.T)
 
 
