@@ -40,6 +40,7 @@ def backend_info() -> dict[str, Any]:
         "blas_config": blas["config"],
         "blas_threads": blas["threads"],
         "avx2_comoment_kernel": bool(c.gram_kernel()),
+        "openmp": bool(c.openmp),
         "torch_threads": torch.get_num_threads(),
         "cuda_compiled": bool(c.cuda_compiled),
         "cuda_device_present": bool(c.cuda_compiled) and c.cuda_device_count() > 0,

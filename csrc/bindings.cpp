@@ -332,6 +332,11 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda_compiled") = false;
   m.def("cuda_device_count", [] { return 0; });
 #endif
+#ifdef _OPENMP
+  m.attr("openmp") = true;  // parallel.h's fork_join runs on the OpenMP pool
+#else
+  m.attr("openmp") = false;  // ... or on std::threads
+#endif
   m.attr("compiler") =
 #if defined(__clang__)
       "clang " __clang_version__;

@@ -215,6 +215,22 @@ struct Scratch {
   }
 };
 
+// The workers' partial states (count, mean, upper triangle of M2), owned by the calling
+// thread: they are folded after the fork-join, when a worker's own thread (parallel.h's
+// std::thread fallback) and so its thread_local Scratch are gone.
+struct Partials {
+  int64_t C = 0;
+  std::vector<double> n, mean, m2;
+  static Partials& get(int64_t workers, int64_t C) {
+    thread_local Partials p;
+    p.C = C, p.n.assign(size_t(workers), 0.0), p.mean.assign(size_t(workers * C), 0.0);
+    p.m2.resize(size_t(workers * C * C));  // callers zero what they need zeroed
+    return p;
+  }
+  double* mean_of(int64_t t) { return mean.data() + t * C; }
+  double* m2_of(int64_t t) { return m2.data() + t * C * C; }
+};
+
 // Layers at least this wide take every thread to each step of one chunk (update_wide): a
 // per-thread partial state of C² doubles would cost more to fold than it saves.
 constexpr int64_t kWide = 512;
@@ -274,37 +290,38 @@ void update_gram(const Batch4& y, const Runs& r, double* n, Acc* mean, Acc* m2, 
   const int64_t chunks = (m + chunk - 1) / chunk, workers = std::min(workers_max, chunks);
   const int64_t ld = (chunk + kGramCols - 1) / kGramCols * kGramCols;
   const int64_t rows = (C + kGramRows - 1) / kGramRows * kGramRows;
-  std::vector<double> part_n(workers);
-  std::vector<double*> part_mean(workers), part_m2(workers);
+  Partials& p = Partials::get(workers, C);
   fork_join(workers, [&](int64_t t) {
     Scratch<float>& s = Scratch<float>::get();
     const int64_t q0 = t * chunks / workers, q1 = (t + 1) * chunks / workers;
-    s.buf.resize(size_t(rows * ld)), s.mu.resize(size_t((q1 - q0) * C)), s.mean.assign(C, 0.0);
-    s.m2.assign(size_t(C * C), 0.0);
+    double* const pmean = p.mean_of(t);
+    double* const pm2 = p.m2_of(t);
+    s.buf.resize(size_t(rows * ld)), s.mu.resize(size_t((q1 - q0) * C));
+    std::fill(pm2, pm2 + C * C, 0.0);
     std::fill(s.buf.begin() + C * ld, s.buf.end(), 0.0f);  // padding rows
     double nt = 0;
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t o0 = q * chunk, o1 = std::min(m, o0 + chunk);
       double* mu = s.mu.data() + (q - q0) * C;
       dispatch_dtype(y.dtype, [&]<DType T>() { fill_centred<T>(y, r, o0, o1, s.buf.data(), ld, mu); });
-      gram_upper_add(s.buf.data(), C, ld, s.m2.data());
-      for (int64_t c = 0; c < C; ++c) s.mean[c] += mu[c], mu[c] /= double(o1 - o0);
+      gram_upper_add(s.buf.data(), C, ld, pm2);
+      for (int64_t c = 0; c < C; ++c) pmean[c] += mu[c], mu[c] /= double(o1 - o0);
       nt += double(o1 - o0);
     }
-    for (int64_t c = 0; c < C; ++c) s.mean[c] /= nt;
+    for (int64_t c = 0; c < C; ++c) pmean[c] /= nt;
     for (int64_t q = q0; q < q1; ++q) {
       const double nb = double(std::min(m, q * chunk + chunk) - q * chunk);
       double* d = s.mu.data() + (q - q0) * C;
-      for (int64_t c = 0; c < C; ++c) d[c] -= s.mean[c];
+      for (int64_t c = 0; c < C; ++c) d[c] -= pmean[c];
       for (int64_t i = 0; i < C; ++i) {
         const double wi = nb * d[i];
-        double* row = s.m2.data() + i * C;
+        double* row = pm2 + i * C;
         for (int64_t j = i; j < C; ++j) row[j] += wi * d[j];
       }
     }
-    part_n[t] = nt, part_mean[t] = s.mean.data(), part_m2[t] = s.m2.data();
+    p.n[t] = nt;
   });
-  for (int64_t t = 0; t < workers; ++t) fold_state(C, n, mean, m2, part_n[t], part_mean[t], part_m2[t], workers_max);
+  for (int64_t t = 0; t < workers; ++t) fold_state(C, n, mean, m2, p.n[t], p.mean_of(t), p.m2_of(t), workers_max);
 }
 
 // The batch, chunk by chunk: fill (one read of the input), centre on the chunk's mean,
@@ -335,21 +352,14 @@ void update_impl(const Batch4& y, double* n, Acc* mean, Acc* m2, int threads) {
   const int64_t workers = chunks >= workers_max ? workers_max : 1;
   const int64_t syrk_workers = chunks >= workers_max ? 1 : workers_max;
 
-  struct Partial {
-    double n = 0;
-    double* mean = nullptr;
-    double* m2 = nullptr;
-  };
-  std::vector<Partial> parts(workers);
   const bool direct = workers == 1 && chunks == 1;  // one chunk folds straight into the state
+  Partials& p = Partials::get(direct ? 0 : workers, C);
   fork_join(workers, [&](int64_t t) {
     Scratch<Work>& s = Scratch<Work>::get();
     s.buf.resize(size_t(chunk * C)), s.cm2.resize(size_t(C * C)), s.sums.resize(C), s.mu.resize(C);
-    Partial& part = parts[t];
-    if (!direct) {
-      s.mean.assign(C, 0.0), s.m2.resize(size_t(C * C));  // m2 needs no zeroing: n = 0 overwrites
-      part.mean = s.mean.data(), part.m2 = s.m2.data();
-    }
+    // The worker's partial (its M2 needs no zeroing: the first chunk overwrites it).
+    double* const pmean = direct ? nullptr : p.mean_of(t);
+    double* const pm2 = direct ? nullptr : p.m2_of(t);
     for (int64_t q = t * chunks / workers; q < (t + 1) * chunks / workers; ++q) {
       const int64_t o0 = q * chunk, o1 = std::min(m, o0 + chunk), k = o1 - o0;
       dispatch_dtype(y.dtype, [&]<DType T>() { fill_and_sum<T, Work>(y, r, o0, o1, obs_major, s.buf.data(), s.sums.data()); });
@@ -361,18 +371,18 @@ void update_impl(const Batch4& y, double* n, Acc* mean, Acc* m2, int threads) {
       syrk_upper_parallel(obs_major, C, k, s.buf.data(), s.cm2.data(), syrk_workers);
       if (direct) {
         fold_state(C, n, mean, m2, double(k), s.mu.data(), s.cm2.data(), 1);
-      } else if (part.n == 0) {  // the first chunk is the partial state
-        std::copy(s.mu.begin(), s.mu.end(), part.mean);
+      } else if (p.n[t] == 0) {  // the first chunk is the partial state
+        std::copy(s.mu.begin(), s.mu.end(), pmean);
         for (int64_t i = 0; i < C; ++i)
-          for (int64_t j = i; j < C; ++j) part.m2[i * C + j] = s.cm2[i * C + j];
-        part.n = double(k);
+          for (int64_t j = i; j < C; ++j) pm2[i * C + j] = s.cm2[i * C + j];
+        p.n[t] = double(k);
       } else {
-        fold_upper(C, part.n, part.mean, part.m2, double(k), s.mu.data(), s.cm2.data());
+        fold_upper(C, p.n[t], pmean, pm2, double(k), s.mu.data(), s.cm2.data());
       }
     }
   });
   if (!direct)
-    for (const Partial& part : parts) fold_state(C, n, mean, m2, part.n, part.mean, part.m2, workers_max);
+    for (int64_t t = 0; t < workers; ++t) fold_state(C, n, mean, m2, p.n[t], p.mean_of(t), p.m2_of(t), workers_max);
 }
 
 }  // namespace

@@ -37,6 +37,13 @@ def test_cuda_kernels_compiled_in():
     assert info["cuda_device_present"] == (_ext._C.cuda_device_count() > 0)
 
 
+@pytest.mark.skipif(os.environ.get("AFIE_EXPECT_OPENMP") is None, reason="set AFIE_EXPECT_OPENMP=1 or 0 to say how the core was built")
+def test_parallel_backend_as_built():
+    # .ci/run tests the OpenMP build and a build without it (std::thread workers), so
+    # each run must be on the build it thinks it is on.
+    assert af.backend_info()["openmp"] is (os.environ["AFIE_EXPECT_OPENMP"] == "1")
+
+
 def test_import_does_not_initialise_cuda(tmp_path):
     # cwd elsewhere: `python -c` puts the cwd first on sys.path, and the source tree has no _C.
     code = "import torch, afie_fast; afie_fast.backend_info(); print(torch.cuda.is_initialized())"
