@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -113,10 +114,24 @@ void fold_upper(int64_t C, double& na, A* mean_a, A* m2_a, double nb, const doub
   na = nt;
 }
 
+// Splits the rows [0, rows) of an upper triangle into contiguous runs of about equal area,
+// one per worker (fewer when there are fewer rows): worker t takes [edge[t], edge[t+1]).
+std::vector<int64_t> split_triangle(int64_t rows, int64_t workers) {
+  workers = std::max<int64_t>(1, std::min(workers, rows));
+  std::vector<int64_t> edge(workers + 1, rows);
+  edge[0] = 0;
+  for (int64_t t = 1, row = 0; t < workers; ++t) {
+    const double share = double(t) / double(workers), all = double(rows) * double(rows);
+    while (row < rows && 1.0 - double(rows - row) * double(rows - row) / all < share) ++row;
+    edge[t] = row;
+  }
+  return edge;
+}
+
 // The caller's state ← state ⊕ (nb, mean_b, M2_b), M2_b read from the upper triangle of
-// b, written to both triangles in one tiled pass (no separate mirror) split over
-// `workers` by equal areas of the triangle: for wide layers this pass over the C×C
-// double state costs as much as a slice of the SYRK.
+// b, written to both triangles tile by tile (each tile mirrored while it is in L1) and
+// split over `workers` by equal areas of the triangle: for wide layers this pass over
+// the C×C double state costs as much as a slice of the SYRK.
 template <class A, class B>
 void fold_state(int64_t C, double* n, A* mean, A* m2, double nb, const double* mean_b, const B* b, int64_t workers) {
   const double na = *n, nt = na + nb, w = na * nb / nt;
@@ -125,27 +140,26 @@ void fold_state(int64_t C, double* n, A* mean, A* m2, double nb, const double* m
     for (int64_t c = 0; c < C; ++c) delta[c] = mean_b[c] - static_cast<double>(mean[c]);
   constexpr int64_t T = 32;
   const int64_t tiles = (C + T - 1) / T;
-  workers = std::max<int64_t>(1, std::min(workers, tiles));
-  std::vector<int64_t> edge(workers + 1, tiles);  // tile rows [edge[t], edge[t+1]) per worker
-  edge[0] = 0;
-  for (int64_t t = 1, row = 0; t < workers; ++t) {
-    const double share = double(t) / double(workers), all = double(tiles) * double(tiles);
-    while (row < tiles && 1.0 - double(tiles - row) * double(tiles - row) / all < share) ++row;
-    edge[t] = row;
-  }
-  fork_join(workers, [&](int64_t t) {
+  const std::vector<int64_t> edge = split_triangle(tiles, workers);  // tile rows [edge[t], edge[t+1])
+  fork_join(int64_t(edge.size()) - 1, [&](int64_t t) {
     for (int64_t bi = edge[t]; bi < edge[t + 1]; ++bi)
-      for (int64_t bj = bi; bj < tiles; ++bj)
-        for (int64_t i = bi * T; i < std::min(C, bi * T + T); ++i) {
+      for (int64_t bj = bi; bj < tiles; ++bj) {
+        const int64_t i1 = std::min(C, bi * T + T), j1 = std::min(C, bj * T + T);
+        for (int64_t i = bi * T; i < i1; ++i) {
           const double wi = w * delta[i];
-          A* row = m2 + i * C;
-          const B* brow = b + i * C;
-          for (int64_t j = std::max(bj * T, i); j < std::min(C, bj * T + T); ++j) {
-            const double v = static_cast<double>(brow[j]) + wi * delta[j];
-            row[j] = static_cast<A>(na > 0 ? static_cast<double>(row[j]) + v : v);
-            m2[j * C + i] = row[j];
-          }
+          A* __restrict row = m2 + i * C;
+          const B* __restrict brow = b + i * C;
+          const int64_t j0 = std::max(bj * T, i);
+          if (na > 0)
+            for (int64_t j = j0; j < j1; ++j) row[j] = static_cast<A>(static_cast<double>(row[j]) + brow[j] + wi * delta[j]);
+          else
+            for (int64_t j = j0; j < j1; ++j) row[j] = static_cast<A>(brow[j] + wi * delta[j]);
         }
+        // The mirror image, from the tile just written (in L1): apart from the loops
+        // above, which then vectorise.
+        for (int64_t j = bj * T; j < j1; ++j)
+          for (int64_t i = bi * T; i < std::min(i1, j); ++i) m2[j * C + i] = m2[i * C + j];
+      }
   });
   for (int64_t c = 0; c < C; ++c)
     mean[c] = static_cast<A>(na > 0 ? static_cast<double>(mean[c]) + delta[c] * (nb / nt) : mean_b[c]);
@@ -173,41 +187,78 @@ void syrk_upper_parallel(bool obs_major, int64_t C, int64_t k, const Work* a, Wo
   });
 }
 
-// Channel-major chunk for gram_upper_add: sums[c] = Σ y[c, o0:o1] in double, then row c of buf
-// = y[c, o0:o1] − μ_c in float, zero-padded to ld. Channel by channel, so the second
-// read of a row comes from L1 (one pass copying and summing, then another centring,
-// would stream the whole chunk twice more).
+// The runs of observations [o0, o1) as a table that every channel of the chunk shares
+// (for_each_run's index arithmetic, once per chunk rather than once per channel and run).
+void chunk_runs(const Runs& r, int64_t o0, int64_t o1, std::vector<GramRun>& runs) {
+  runs.clear();
+  for_each_run(r, o0, o1, [&](int64_t off, int64_t, int64_t len, int64_t j) { runs.push_back({off, len, j}); });
+}
+
+// Channel-major chunk for gram_upper_add, channels [c0, c1) of the k observations in runs:
+// sums[c] = Σ y[c, ·] in double, then row c of buf = y[c, ·] − μ_c in float, zero-padded
+// to ld. Channel by channel, so the second read of a row comes from L1 (one pass copying
+// and summing, then another centring, would stream the whole chunk twice more).
+// float32 runs at stride 1 (NCHW) take gram_fill_f32.
 template <DType T>
-void fill_centred(const Batch4& y, const Runs& r, int64_t o0, int64_t o1, float* __restrict buf, int64_t ld,
-                  double* __restrict sums) {
-  const int64_t k = o1 - o0;
-  for (int64_t c = 0; c < r.C; ++c) {
-    double acc[8] = {};
-    for_each_run(r, o0, o1, [&](int64_t off, int64_t s, int64_t len, int64_t) {
-      off += c * r.sC;
-      int64_t t = 0;
-      if (s == 1)
-        for (; t + 8 <= len; t += 8)
-          for (int u = 0; u < 8; ++u) acc[u] += Load<T>::at(y.data, off + t + u);
-      for (; t < len; ++t) acc[t & 7] += Load<T>::at(y.data, off + t * s);
-    });
-    sums[c] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+void fill_centred(const Batch4& y, const Runs& r, const std::vector<GramRun>& runs, int64_t k, int64_t c0, int64_t c1,
+                  float* __restrict buf, int64_t ld, double* __restrict sums) {
+  if (T == DType::f32 && r.sL == 1) {
+    gram_fill_f32(static_cast<const float*>(y.data), r.sC, runs.data(), int64_t(runs.size()), k, c0, c1, buf, ld, sums);
+  } else {
+    for (int64_t c = c0; c < c1; ++c) {
+      double acc[8] = {};
+      for (const GramRun& run : runs)
+        for (int64_t t = 0; t < run.len; ++t) acc[t & 7] += Load<T>::at(y.data, run.off + c * r.sC + t * r.sL);
+      sums[c] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+      const float mu = static_cast<float>(sums[c] / double(k));
+      float* __restrict row = buf + c * ld;
+      for (const GramRun& run : runs)
+        for (int64_t t = 0; t < run.len; ++t)
+          row[run.j + t] = static_cast<float>(Load<T>::at(y.data, run.off + c * r.sC + t * r.sL)) - mu;
+      std::fill(row + k, row + ld, 0.0f);
+    }
+  }
+  for (int64_t c = c0; c < c1; ++c)
     if (!std::isfinite(sums[c])) throw BadInput("batch contains NaN or Inf values");
-    const float mu = static_cast<float>(sums[c] / double(k));
-    float* __restrict row = buf + c * ld;
-    for_each_run(r, o0, o1, [&](int64_t off, int64_t s, int64_t len, int64_t j) {
-      off += c * r.sC;
-      for (int64_t t = 0; t < len; ++t) row[j + t] = static_cast<float>(Load<T>::at(y.data, off + t * s)) - mu;
-    });
-    std::fill(row + k, row + ld, 0.0f);
+}
+
+// M2 += Σ_b n_b (μ_b − μ)(μ_b − μ)ᵀ on rows [i0, i1) of the upper triangle, for chunks b
+// of n_b observations (means μ_b: rows of mu) that were each centred on their own mean:
+// what turns the sum of the chunks' co-moments into the co-moment about the overall mean μ.
+void add_chunk_means(int64_t C, int64_t i0, int64_t i1, const std::vector<double>& nb, const double* mu,
+                     const double* overall, double* m2) {
+  std::vector<double> d(C);
+  for (size_t b = 0; b < nb.size(); ++b) {
+    for (int64_t c = 0; c < C; ++c) d[c] = mu[int64_t(b) * C + c] - overall[c];
+    for (int64_t i = i0; i < i1; ++i) {
+      const double wi = nb[b] * d[i];
+      double* row = m2 + i * C;
+      for (int64_t j = i; j < C; ++j) row[j] += wi * d[j];
+    }
   }
 }
+
+// Cache-line-aligned storage for chunks: the kernel's 32-byte row loads then never
+// straddle two lines (which cost it 8% of its rate).
+template <class T>
+struct LineAligned {
+  using value_type = T;
+  LineAligned() = default;
+  template <class U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <class U>
+  bool operator==(const LineAligned<U>&) const { return true; }
+};
 
 // Per-thread scratch that outlives a call: fresh multi-MiB vectors each batch would cost a
 // page fault per 4 KiB (and the pool's threads persist, so this is bounded).
 template <class Work>
 struct Scratch {
-  std::vector<Work> buf, cm2;
+  std::vector<Work, LineAligned<Work>> buf;
+  std::vector<Work> cm2;
+  std::vector<GramRun> runs;
   std::vector<double> sums, mu, mean, m2;
   static Scratch& get() {
     thread_local Scratch s;
@@ -235,9 +286,14 @@ struct Partials {
 // per-thread partial state of C² doubles would cost more to fold than it saves.
 constexpr int64_t kWide = 512;
 
-// Channel-major layers narrower than this with float products take gram_upper_add
-// (update_gram); from 256 channels on, its short L2-sized chunks lose to BLAS.
+// Channel-major layers with float products run on gram_upper_add: narrower than kGramMax
+// each worker takes its own L2-sized chunks (update_gram); from there to kGramWideMax the
+// workers share each chunk of kGramPanel observations (update_gram_wide). Wider layers
+// stay on BLAS (update_wide): at 2048 channels the kernel's pass over a 32 MiB C² partial
+// per 512 observations made it 1.3× slower, at 1024 it was even.
 constexpr int64_t kGramMax = 256;
+constexpr int64_t kGramWideMax = 1024;
+constexpr int64_t kGramPanel = 512;  // the kernel's best row length (43 GMAC/s a core vs 40 at 1024)
 
 // A wide layer, chunk by chunk, all threads on each step: fill their slices of the chunk,
 // centre them on the chunk's mean, SYRK blocks, then the fused fold into the state.
@@ -286,7 +342,7 @@ void update_wide(const Batch4& y, const Runs& r, bool obs_major, double* n, Acc*
 template <class Acc>
 void update_gram(const Batch4& y, const Runs& r, double* n, Acc* mean, Acc* m2, int64_t workers_max) {
   const int64_t C = r.C, m = y.shape[0] * y.shape[2] * y.shape[3];
-  const int64_t chunk = std::min(m, std::max<int64_t>((int64_t{1} << 16) / C / kGramCols * kGramCols, 256));
+  const int64_t chunk = std::min(m, std::clamp<int64_t>((int64_t{1} << 16) / C / kGramCols * kGramCols, 256, kGramPanel));
   const int64_t chunks = (m + chunk - 1) / chunk, workers = std::min(workers_max, chunks);
   const int64_t ld = (chunk + kGramCols - 1) / kGramCols * kGramCols;
   const int64_t rows = (C + kGramRows - 1) / kGramRows * kGramRows;
@@ -303,25 +359,63 @@ void update_gram(const Batch4& y, const Runs& r, double* n, Acc* mean, Acc* m2, 
     for (int64_t q = q0; q < q1; ++q) {
       const int64_t o0 = q * chunk, o1 = std::min(m, o0 + chunk);
       double* mu = s.mu.data() + (q - q0) * C;
-      dispatch_dtype(y.dtype, [&]<DType T>() { fill_centred<T>(y, r, o0, o1, s.buf.data(), ld, mu); });
-      gram_upper_add(s.buf.data(), C, ld, pm2);
+      chunk_runs(r, o0, o1, s.runs);
+      dispatch_dtype(y.dtype, [&]<DType T>() { fill_centred<T>(y, r, s.runs, o1 - o0, 0, C, s.buf.data(), ld, mu); });
+      gram_upper_add(s.buf.data(), C, ld, pm2, 0, C);
       for (int64_t c = 0; c < C; ++c) pmean[c] += mu[c], mu[c] /= double(o1 - o0);
       nt += double(o1 - o0);
     }
     for (int64_t c = 0; c < C; ++c) pmean[c] /= nt;
-    for (int64_t q = q0; q < q1; ++q) {
-      const double nb = double(std::min(m, q * chunk + chunk) - q * chunk);
-      double* d = s.mu.data() + (q - q0) * C;
-      for (int64_t c = 0; c < C; ++c) d[c] -= pmean[c];
-      for (int64_t i = 0; i < C; ++i) {
-        const double wi = nb * d[i];
-        double* row = pm2 + i * C;
-        for (int64_t j = i; j < C; ++j) row[j] += wi * d[j];
-      }
-    }
+    std::vector<double> nb(static_cast<size_t>(q1 - q0));
+    for (int64_t q = q0; q < q1; ++q) nb[size_t(q - q0)] = double(std::min(m, q * chunk + chunk) - q * chunk);
+    add_chunk_means(C, 0, C, nb, s.mu.data(), pmean, pm2);
     p.n[t] = nt;
   });
   for (int64_t t = 0; t < workers; ++t) fold_state(C, n, mean, m2, p.n[t], p.mean_of(t), p.m2_of(t), workers_max);
+}
+
+// Wide channel-major layers (kGramMax ≤ C < kGramWideMax) with float products: few observations of many
+// channels, so too few chunks to give each worker its own, and a C² partial per worker
+// would cost more to fold than it saves. Chunk by chunk (kGramPanel observations), the
+// workers fill and centre their share of the channels, then compute their share of the
+// triangle's tile rows into one double S; the chunks' means then enter as a low-rank term
+// as in update_gram, and S folds into the state. A long panel keeps the kernel's tiles
+// long (each tile ends in a horizontal sum and a store), and the kernel blocks B for L2.
+template <class Acc>
+void update_gram_wide(const Batch4& y, const Runs& r, double* n, Acc* mean, Acc* m2, int64_t workers) {
+  const int64_t C = r.C, m = y.shape[0] * y.shape[2] * y.shape[3];
+  const int64_t chunk = std::min(m, kGramPanel), chunks = (m + chunk - 1) / chunk;
+  const int64_t ld = (chunk + kGramCols - 1) / kGramCols * kGramCols;
+  const int64_t rows = (C + kGramRows - 1) / kGramRows * kGramRows;
+  const std::vector<int64_t> edge = split_triangle((C + kGramTile - 1) / kGramTile, workers);
+  workers = int64_t(edge.size()) - 1;
+  auto row0 = [&](int64_t t) { return std::min(C, edge[t] * kGramTile); };  // worker t's rows of S
+  Scratch<float>& s = Scratch<float>::get();  // the caller's, shared by the workers
+  s.buf.resize(size_t(rows * ld)), s.mu.resize(size_t(chunks * C)), s.m2.resize(size_t(C * C));
+  std::fill(s.buf.begin() + C * ld, s.buf.end(), 0.0f);  // padding rows
+  std::vector<double> nb(static_cast<size_t>(chunks));
+  for (int64_t q = 0; q < chunks; ++q) {
+    const int64_t o0 = q * chunk, o1 = std::min(m, o0 + chunk);
+    double* mu = s.mu.data() + q * C;
+    chunk_runs(r, o0, o1, s.runs);
+    fork_join(workers, [&](int64_t t) {
+      dispatch_dtype(y.dtype, [&]<DType T>() {
+        fill_centred<T>(y, r, s.runs, o1 - o0, C * t / workers, C * (t + 1) / workers, s.buf.data(), ld, mu);
+      });
+    });
+    fork_join(workers, [&](int64_t t) {
+      if (q == 0) std::fill(s.m2.begin() + row0(t) * C, s.m2.begin() + row0(t + 1) * C, 0.0);
+      gram_upper_add(s.buf.data(), C, ld, s.m2.data(), row0(t), row0(t + 1));
+    });
+    nb[size_t(q)] = double(o1 - o0);
+    for (int64_t c = 0; c < C; ++c) mu[c] /= nb[size_t(q)];
+  }
+  s.mean.assign(C, 0.0);
+  for (int64_t q = 0; q < chunks; ++q)
+    for (int64_t c = 0; c < C; ++c) s.mean[c] += nb[size_t(q)] / double(m) * s.mu[q * C + c];
+  if (chunks > 1)
+    fork_join(workers, [&](int64_t t) { add_chunk_means(C, row0(t), row0(t + 1), nb, s.mu.data(), s.mean.data(), s.m2.data()); });
+  fold_state(C, n, mean, m2, double(m), s.mean.data(), s.m2.data(), workers);
 }
 
 // The batch, chunk by chunk: fill (one read of the input), centre on the chunk's mean,
@@ -338,9 +432,10 @@ void update_impl(const Batch4& y, double* n, Acc* mean, Acc* m2, int threads) {
   const int64_t workers_max = std::max(1, threads);
   const bool obs_major = r.sC == 1 && r.sL != 1;  // read memory in order either way
   blas::use_threads(1);
-  if (C >= kWide && workers_max > 1 && m >= 2 * workers_max) return update_wide<Acc, Work>(y, r, obs_major, n, mean, m2, workers_max);
   if constexpr (std::is_same_v<Work, float>)
-    if (!obs_major && C < kGramMax && gram_available()) return update_gram(y, r, n, mean, m2, workers_max);
+    if (!obs_major && C < kGramWideMax && gram_available())
+      return C < kGramMax ? update_gram(y, r, n, mean, m2, workers_max) : update_gram_wide(y, r, n, mean, m2, workers_max);
+  if (C >= kWide && workers_max > 1 && m >= 2 * workers_max) return update_wide<Acc, Work>(y, r, obs_major, n, mean, m2, workers_max);
   // Chunks of ≤ 2 MiB of Work values stay in cache between fill, centre and SYRK; at
   // least 256 observations keep SYRK efficient and the per-chunk O(C²) fold negligible.
   // Chunks also hold at least C observations, so the O(C²) fold of each stays small

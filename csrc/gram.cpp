@@ -29,41 +29,92 @@ __attribute__((target("avx2,fma"))) inline __m128 hsum4(__m256 a, __m256 b, __m2
 // 3×4 tiles of the upper triangle: 12 accumulators, 3 rows of A held in registers and one
 // row of B streamed (all 16 AVX2 registers); each step of 8 observations is 12 FMAs for
 // 7 loads, so FMA throughput bounds it. The 3 rows stay in L1 while the tile sweeps
-// along j, and B comes from L2.
-__attribute__((target("avx2,fma"))) void gram_upper_add(const float* a, int64_t n, int64_t ld, double* c) {
-  for (int64_t i0 = 0; i0 < n; i0 += 3) {
-    const float* a0 = a + i0 * ld;
-    const float* a1 = a0 + ld;
-    const float* a2 = a1 + ld;
-    for (int64_t j0 = i0 / 4 * 4; j0 < n; j0 += 4) {
-      const float* b = a + j0 * ld;
-      __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00;
-      __m256 c10 = c00, c11 = c00, c12 = c00, c13 = c00;
-      __m256 c20 = c00, c21 = c00, c22 = c00, c23 = c00;
-      for (int64_t t = 0; t < ld; t += 8) {
-        const __m256 x0 = _mm256_loadu_ps(a0 + t), x1 = _mm256_loadu_ps(a1 + t), x2 = _mm256_loadu_ps(a2 + t);
-        __m256 y = _mm256_loadu_ps(b + t);
-        c00 = _mm256_fmadd_ps(x0, y, c00), c10 = _mm256_fmadd_ps(x1, y, c10), c20 = _mm256_fmadd_ps(x2, y, c20);
-        y = _mm256_loadu_ps(b + ld + t);
-        c01 = _mm256_fmadd_ps(x0, y, c01), c11 = _mm256_fmadd_ps(x1, y, c11), c21 = _mm256_fmadd_ps(x2, y, c21);
-        y = _mm256_loadu_ps(b + 2 * ld + t);
-        c02 = _mm256_fmadd_ps(x0, y, c02), c12 = _mm256_fmadd_ps(x1, y, c12), c22 = _mm256_fmadd_ps(x2, y, c22);
-        y = _mm256_loadu_ps(b + 3 * ld + t);
-        c03 = _mm256_fmadd_ps(x0, y, c03), c13 = _mm256_fmadd_ps(x1, y, c13), c23 = _mm256_fmadd_ps(x2, y, c23);
-      }
-      const __m128 s[3] = {hsum4(c00, c01, c02, c03), hsum4(c10, c11, c12, c13), hsum4(c20, c21, c22, c23)};
-      if (j0 >= i0 + 2 && j0 + 4 <= n && i0 + 3 <= n) {  // wholly inside the upper triangle
-        for (int64_t r = 0; r < 3; ++r) {
-          double* out = c + (i0 + r) * n + j0;
-          _mm256_storeu_pd(out, _mm256_add_pd(_mm256_loadu_pd(out), _mm256_cvtps_pd(s[r])));
+// along j; B is taken in blocks of rows that fit in L2 (a 4 KiB row is read by every
+// tile row above it, from L3 if the whole of B is swept each time).
+__attribute__((target("avx2,fma"))) void gram_upper_add(const float* a, int64_t n, int64_t ld, double* c,
+                                                        int64_t i_begin, int64_t i_end) {
+  const int64_t block = std::max<int64_t>(4, (int64_t{1} << 18) / (4 * ld) / 4 * 4);  // 256 KiB of B
+  for (int64_t jb = i_begin / 4 * 4; jb < n; jb += block) {
+    const int64_t jb_end = std::min(n, jb + block);
+    for (int64_t i0 = i_begin; i0 < std::min(i_end, jb_end); i0 += 3) {
+      const float* a0 = a + i0 * ld;
+      const float* a1 = a0 + ld;
+      const float* a2 = a1 + ld;
+      for (int64_t j0 = std::max(jb, i0 / 4 * 4); j0 < jb_end; j0 += 4) {
+        const float* b = a + j0 * ld;
+        __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00;
+        __m256 c10 = c00, c11 = c00, c12 = c00, c13 = c00;
+        __m256 c20 = c00, c21 = c00, c22 = c00, c23 = c00;
+        for (int64_t t = 0; t < ld; t += 8) {
+          const __m256 x0 = _mm256_loadu_ps(a0 + t), x1 = _mm256_loadu_ps(a1 + t), x2 = _mm256_loadu_ps(a2 + t);
+          __m256 y = _mm256_loadu_ps(b + t);
+          c00 = _mm256_fmadd_ps(x0, y, c00), c10 = _mm256_fmadd_ps(x1, y, c10), c20 = _mm256_fmadd_ps(x2, y, c20);
+          y = _mm256_loadu_ps(b + ld + t);
+          c01 = _mm256_fmadd_ps(x0, y, c01), c11 = _mm256_fmadd_ps(x1, y, c11), c21 = _mm256_fmadd_ps(x2, y, c21);
+          y = _mm256_loadu_ps(b + 2 * ld + t);
+          c02 = _mm256_fmadd_ps(x0, y, c02), c12 = _mm256_fmadd_ps(x1, y, c12), c22 = _mm256_fmadd_ps(x2, y, c22);
+          y = _mm256_loadu_ps(b + 3 * ld + t);
+          c03 = _mm256_fmadd_ps(x0, y, c03), c13 = _mm256_fmadd_ps(x1, y, c13), c23 = _mm256_fmadd_ps(x2, y, c23);
         }
-        continue;
+        const __m128 s[3] = {hsum4(c00, c01, c02, c03), hsum4(c10, c11, c12, c13), hsum4(c20, c21, c22, c23)};
+        if (j0 >= i0 + 2 && j0 + 4 <= n && i0 + 3 <= i_end) {  // wholly inside the upper triangle and the rows
+          for (int64_t r = 0; r < 3; ++r) {
+            double* out = c + (i0 + r) * n + j0;
+            _mm256_storeu_pd(out, _mm256_add_pd(_mm256_loadu_pd(out), _mm256_cvtps_pd(s[r])));
+          }
+          continue;
+        }
+        alignas(16) float tile[3][4];
+        for (int64_t r = 0; r < 3; ++r) _mm_store_ps(tile[r], s[r]);
+        for (int64_t r = 0; r < 3 && i0 + r < i_end; ++r)
+          for (int64_t q = std::max<int64_t>(0, i0 + r - j0); q < 4 && j0 + q < n; ++q)
+            c[(i0 + r) * n + j0 + q] += tile[r][q];
       }
-      alignas(16) float tile[3][4];
-      for (int64_t r = 0; r < 3; ++r) _mm_store_ps(tile[r], s[r]);
-      for (int64_t r = 0; r < 3 && i0 + r < n; ++r)
-        for (int64_t q = std::max<int64_t>(0, i0 + r - j0); q < 4 && j0 + q < n; ++q) c[(i0 + r) * n + j0 + q] += tile[r][q];
     }
+  }
+}
+
+__attribute__((target("avx2,fma"))) void gram_fill_f32(const float* x, int64_t sC, const GramRun* runs,
+                                                       int64_t nruns, int64_t k, int64_t c0, int64_t c1, float* out,
+                                                       int64_t ld, double* sums) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const float* xc = x + c * sC;
+    // Four chains of double adds: one would wait on each add's latency.
+    __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
+    double tail = 0.0;
+    for (int64_t q = 0; q < nruns; ++q) {
+      const float* p = xc + runs[q].off;
+      const int64_t len = runs[q].len;
+      int64_t t = 0;
+      for (; t + 16 <= len; t += 16) {
+        // Channels lie 4 KiB or more apart, on pages of their own that the hardware
+        // prefetcher will not enter: fetch the channel after next meanwhile.
+        _mm_prefetch(reinterpret_cast<const char*>(p + 2 * sC + t), _MM_HINT_T0);
+        const __m256 u = _mm256_loadu_ps(p + t), v = _mm256_loadu_ps(p + t + 8);
+        a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(u)));
+        a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(u, 1)));
+        a2 = _mm256_add_pd(a2, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+        a3 = _mm256_add_pd(a3, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+      }
+      for (; t + 4 <= len; t += 4) a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm_loadu_ps(p + t)));
+      for (; t < len; ++t) tail += p[t];
+    }
+    alignas(32) double lanes[4];
+    _mm256_store_pd(lanes, _mm256_add_pd(_mm256_add_pd(a0, a1), _mm256_add_pd(a2, a3)));
+    sums[c] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + tail;
+    const float mu = static_cast<float>(sums[c] / double(k));
+    const __m256 m8 = _mm256_set1_ps(mu);
+    float* row = out + c * ld;
+    for (int64_t q = 0; q < nruns; ++q) {
+      const float* p = xc + runs[q].off;
+      float* o = row + runs[q].j;
+      const int64_t len = runs[q].len;
+      int64_t t = 0;
+      for (; t + 8 <= len; t += 8) _mm256_storeu_ps(o + t, _mm256_sub_ps(_mm256_loadu_ps(p + t), m8));
+      for (; t + 4 <= len; t += 4) _mm_storeu_ps(o + t, _mm_sub_ps(_mm_loadu_ps(p + t), _mm256_castps256_ps128(m8)));
+      for (; t < len; ++t) o[t] = p[t] - mu;
+    }
+    std::fill(row + k, row + ld, 0.0f);
   }
 }
 
@@ -71,13 +122,28 @@ __attribute__((target("avx2,fma"))) void gram_upper_add(const float* a, int64_t 
 
 bool gram_available() { return false; }
 
-void gram_upper_add(const float* a, int64_t n, int64_t ld, double* c) {
-  for (int64_t i = 0; i < n; ++i)
+void gram_upper_add(const float* a, int64_t n, int64_t ld, double* c, int64_t i_begin, int64_t i_end) {
+  for (int64_t i = i_begin; i < i_end; ++i)
     for (int64_t j = i; j < n; ++j) {
       float s = 0.0f;
       for (int64_t t = 0; t < ld; ++t) s += a[i * ld + t] * a[j * ld + t];
       c[i * n + j] += s;
     }
+}
+
+void gram_fill_f32(const float* x, int64_t sC, const GramRun* runs, int64_t nruns, int64_t k, int64_t c0, int64_t c1,
+                   float* out, int64_t ld, double* sums) {
+  for (int64_t c = c0; c < c1; ++c) {
+    double sum = 0.0;
+    for (int64_t q = 0; q < nruns; ++q)
+      for (int64_t t = 0; t < runs[q].len; ++t) sum += x[c * sC + runs[q].off + t];
+    sums[c] = sum;
+    const float mu = static_cast<float>(sum / double(k));
+    float* row = out + c * ld;
+    for (int64_t q = 0; q < nruns; ++q)
+      for (int64_t t = 0; t < runs[q].len; ++t) row[runs[q].j + t] = x[c * sC + runs[q].off + t] - mu;
+    std::fill(row + k, row + ld, 0.0f);
+  }
 }
 
 #endif

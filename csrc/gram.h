@@ -19,10 +19,26 @@ constexpr int64_t kGramCols = 8;
 // True when this CPU has the AVX2 and FMA instructions the kernel is built with.
 bool gram_available();
 
-// c[i·n + j] += Σ_t a[i·ld + t]·a[j·ld + t] for 0 ≤ i ≤ j < n (the lower triangle is
-// left alone). a holds round_up(n, kGramRows) rows of ld floats, ld a multiple of
-// kGramCols; the padding must be zero. Products accumulate in float, in 8 lanes per
-// entry, and each call's sums are added to c in double.
-void gram_upper_add(const float* a, int64_t n, int64_t ld, double* c);
+// c[i·n + j] += Σ_t a[i·ld + t]·a[j·ld + t] for i in [i_begin, i_end), i ≤ j < n (the lower
+// triangle is left alone). a holds round_up(n, kGramRows) rows of ld floats, ld a
+// multiple of kGramCols; the padding must be zero. Products accumulate in float, in 8
+// lanes per entry, and each call's sums are added to c in double. Calls on disjoint row
+// ranges write disjoint rows of c; i_begin must be a multiple of kGramTile (the rows of
+// one tile), and i_end too unless it is n.
+constexpr int64_t kGramTile = 3;
+void gram_upper_add(const float* a, int64_t n, int64_t ld, double* c, int64_t i_begin, int64_t i_end);
+
+// One run of a chunk's observations that lie at stride 1 in memory: element offset of
+// its first observation (channel 0), its length, and its position in the chunk's rows.
+struct GramRun {
+  int64_t off, len, j;
+};
+
+// Fills rows [c0, c1) of a channel-major chunk of k observations from float32 data with
+// channel stride sC: sums[c] = Σ x in double, then row c of out (row length ld) = x − μ_c
+// in float, μ_c = sums[c] / k, zero past k. A row is summed and then centred while it is
+// still in L1, so the data is read from memory once.
+void gram_fill_f32(const float* x, int64_t sC, const GramRun* runs, int64_t nruns, int64_t k, int64_t c0, int64_t c1,
+                   float* out, int64_t ld, double* sums);
 
 }  // namespace afie

@@ -126,15 +126,17 @@ def threads(request):
     torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("channels", [520, 1030])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 @pytest.mark.parametrize("compute_dtype", [torch.float64, torch.float32])
-def test_wide_layers_match_np_cov(gen, layout, compute_dtype, threads):
-    # 520 channels (≥ 512: the wide path) and 4,800 observations per batch: two of its
-    # chunks with float64 products, one with float32.
-    base = torch.randn(3, 1040, 40, 40, generator=gen, dtype=torch.float64) * 2 + 5
-    y = {"contiguous": base[:, :520], "channels_last": base[:, :520].contiguous(memory_format=torch.channels_last),
+def test_wide_layers_match_np_cov(gen, channels, layout, compute_dtype, threads):
+    # ≥ 512 channels: BLAS's all-threads path (update_wide), except NCHW float32 products
+    # under 1024 channels (update_gram_wide); 4,800 observations per batch, several chunks.
+    base = torch.randn(3, 2 * channels, 40, 40, generator=gen, dtype=torch.float64) * 2 + 5
+    y = {"contiguous": base[:, :channels],
+         "channels_last": base[:, :channels].contiguous(memory_format=torch.channels_last),
          "sliced": base[:, ::2]}[layout].to(torch.float32)
-    acc = af.CovarianceAccumulator(520, compute_dtype=compute_dtype)
+    acc = af.CovarianceAccumulator(channels, compute_dtype=compute_dtype)
     parts = [y[:2], y[2:]]
     for p in parts:
         acc.update(p)
@@ -146,11 +148,12 @@ def test_wide_layers_match_np_cov(gen, layout, compute_dtype, threads):
     assert torch.equal(acc.comoment, acc.comoment.T)  # both triangles written
 
 
-def test_wide_layer_nonfinite_in_a_later_chunk_leaves_state_unchanged(gen, threads):
-    acc = af.CovarianceAccumulator(520).update(torch.randn(1, 520, 10, 10, generator=gen))
+@pytest.mark.parametrize("compute_dtype", [torch.float64, torch.float32])
+def test_wide_layer_nonfinite_in_a_later_chunk_leaves_state_unchanged(gen, compute_dtype, threads):
+    acc = af.CovarianceAccumulator(520, compute_dtype=compute_dtype).update(torch.randn(1, 520, 10, 10, generator=gen))
     before = acc.state_dict()
     y = torch.randn(3, 520, 40, 40, generator=gen)
-    y[-1, 7, -1, -1] = float("nan")  # the last observation: the second chunk of float64 products
+    y[-1, 7, -1, -1] = float("nan")  # the last observation: in the last chunk either way
     with pytest.raises(ValueError, match="NaN or Inf"):
         acc.update(y)
     after = acc.state_dict()
@@ -175,12 +178,13 @@ def test_gram_kernel_is_used_where_the_cpu_has_it():
     assert af.backend_info()["avx2_comoment_kernel"] == has
 
 
-@pytest.mark.parametrize("channels", [1, 5, 13, 64, 200])
+@pytest.mark.parametrize("channels", [1, 5, 13, 64, 200, 256, 301])
 @pytest.mark.parametrize("layout", ["contiguous", "sliced", "float16"])
-def test_float32_products_narrow_layers_match_np_cov(gen, channels, layout, threads):
+def test_float32_products_match_np_cov(gen, channels, layout, threads):
     # Channel counts off the kernel's 3×4 tiles, maps of 13×11 (chunks end mid-image and
-    # are not whole 8-wide steps), several chunks per thread for 64 and 200 channels,
-    # means far from zero.
+    # are not whole 8-wide steps), several chunks per thread for 64 and 200 channels and
+    # two shared chunks, the second short, for 256 and 301 (update_gram_wide), means far
+    # from zero.
     base = torch.randn(24, 2 * channels, 13, 22, generator=gen, dtype=torch.float64)
     base = base * torch.rand(2 * channels, 1, 1, generator=gen, dtype=torch.float64) * 3 + 40
     y = {"contiguous": base[:, :channels, :, :11].contiguous(), "sliced": base[:, ::2, :, ::2],
