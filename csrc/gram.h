@@ -1,5 +1,6 @@
-// The upper triangle of A·Aᵀ for a small row-major float block A: the co-moment kernel
-// of narrow layers (C < 512) in the channel-major (NCHW) layout, without BLAS.
+// The upper triangle of A·Aᵀ for a row-major float block A, and the fill that writes A:
+// the co-moment kernel of layers under 1024 channels in the channel-major (NCHW) layout,
+// without BLAS.
 //
 // Why not SSYRK: a chunk's rows are channels with their observations contiguous, the
 // dot-product form of the product. OpenBLAS first repacks them into its outer-product
