@@ -374,9 +374,9 @@ void update_gram(const Batch4& y, const Runs& r, double* n, Acc* mean, Acc* m2, 
   for (int64_t t = 0; t < workers; ++t) fold_state(C, n, mean, m2, p.n[t], p.mean_of(t), p.m2_of(t), workers_max);
 }
 
-// Wide channel-major layers (kGramMax ≤ C < kGramWideMax) with float products: few observations of many
-// channels, so too few chunks to give each worker its own, and a C² partial per worker
-// would cost more to fold than it saves. Chunk by chunk (kGramPanel observations), the
+// Wide channel-major layers (kGramMax ≤ C < kGramWideMax) with float products: few
+// observations of many channels, so too few chunks to give each worker its own, and a C²
+// partial per worker would cost more to fold than it saves. Chunk by chunk (kGramPanel observations), the
 // workers fill and centre their share of the channels, then compute their share of the
 // triangle's tile rows into one double S; the chunks' means then enter as a low-rank term
 // as in update_gram, and S folds into the state. A long panel keeps the kernel's tiles
