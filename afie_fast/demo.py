@@ -53,11 +53,8 @@ def run_demo(out: Path, epochs: int = 30, finetune_epochs: int = 10, target: flo
     report.save(out / "report_activations.json")
     weights_report.save(out / "report_weights.json")
     save_pruned(tuned, out / "pruned.safetensors")
-    written = [out / "report_activations.json", out / "report_weights.json", out / "pruned.safetensors"]
-    try:
-        written.append(report.plot(out / "afie.png"))
-    except ImportError as exc:
-        print(f"(plot skipped: {exc})")
+    written = [out / "report_activations.json", out / "report_weights.json", out / "pruned.safetensors",
+               report.plot(out / "afie.png")]
     print("wrote " + ", ".join(str(p) for p in written))
     return {"acc_before": acc_before, "acc_pruned": acc_pruned, "acc_tuned": acc_tuned, "stats": stats,
             "latency_ms": (lat_base, lat_pruned)}

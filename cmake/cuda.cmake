@@ -1,8 +1,4 @@
-# The CUDA half of _C (included when a CUDA compiler is found).
-if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES)
-  # Explicit targets (never "native": CI has no GPU): Ampere, Hopper, and PTX for newer.
-  set(CMAKE_CUDA_ARCHITECTURES 80-real 90-real 90-virtual)
-endif()
+# The CUDA half of _C (included when cmake/cuda_decide.cmake found a working toolchain).
 set(CMAKE_CUDA_STANDARD 20)
 set(CMAKE_CUDA_STANDARD_REQUIRED ON)
 enable_language(CUDA)

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "blas.h"
+#include "build_info.h"
 #include "comoments.h"
 #include "gram.h"
 #include "dlpack.h"
@@ -332,6 +333,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda_compiled") = false;
   m.def("cuda_device_count", [] { return 0; });
 #endif
+  m.attr("cuda_setting") = AFIE_CUDA_SETTING;  // AFIE_CUDA at build time: AUTO, ON or OFF
+  m.attr("cuda_reason") = AFIE_CUDA_REASON;    // why the kernels are not in (empty when they are)
+  m.attr("cmake_version") = AFIE_CMAKE_VERSION;
 #ifdef _OPENMP
   m.attr("openmp") = true;  // parallel.h's fork_join runs on the OpenMP pool
 #else

@@ -101,6 +101,5 @@ def test_summary_lists_every_layer(report):
 
 
 def test_plot_writes_png(report, tmp_path):
-    pytest.importorskip("matplotlib")
     path = report.plot(tmp_path / "afie.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
