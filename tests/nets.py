@@ -99,3 +99,136 @@ def loader(n_batches=4, batch=8, size=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch, 3, size, size, generator=g), torch.randint(0, 5, (batch,), generator=g))
             for _ in range(n_batches)]
+
+
+# Motifs of the architectures users bring (torchvision, timm): each couples channels in a
+# way a pruner must respect.
+
+class ConvHead(nn.Module):
+    """SqueezeNet's classifier: a 1×1 conv gives the class scores, then global pooling."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 16, 3, padding=1), nn.ReLU())
+        self.classifier = nn.Conv2d(16, classes, 1)
+
+    def forward(self, x):
+        return torch.relu(self.classifier(self.features(x))).mean(dim=(2, 3)).flatten(1)
+
+
+class SegHead(nn.Module):
+    """A segmentation-style net: its output is a per-pixel class map from a conv."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+                                  nn.Conv2d(12, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU())
+        self.head = nn.Conv2d(12, classes, 1)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def channel_shuffle(x, groups):
+    b, c, h, w = x.shape
+    return x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous().view(b, c, h, w)
+
+
+class ShuffleNetBlock(nn.Module):
+    """ShuffleNet v2: split the channels in two, transform one half, concat, shuffle."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.branch = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                                    nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.BatchNorm2d(8),
+                                    nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv = nn.Conv2d(16, 12, 1)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        a, b = x.chunk(2, dim=1)
+        x = channel_shuffle(torch.cat([a, self.branch(b)], dim=1), 2)
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+class GhostBlock(nn.Module):
+    """GhostNet: a primary conv plus a cheap depthwise conv on its output, concatenated
+    and sliced back to the block's width."""
+
+    def __init__(self, out=10):
+        super().__init__()
+        self.out = out
+        self.primary = nn.Sequential(nn.Conv2d(3, 6, 1), nn.BatchNorm2d(6), nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.BatchNorm2d(6), nn.ReLU())
+        self.conv = nn.Conv2d(out, 12, 3, padding=1)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        a = self.primary(x)
+        x = torch.cat([a, self.cheap(a)], dim=1)[:, :self.out]
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+class MixConv(nn.Module):
+    """MixNet: the channels are split into groups, each with its own kernel size."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 1)
+        self.k3 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.k5 = nn.Conv2d(8, 8, 5, padding=2, groups=8)
+        self.conv = nn.Conv2d(16, 12, 1)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        a, b = torch.split(torch.relu(self.stem(x)), [8, 8], dim=1)
+        x = torch.cat([self.k3(a), self.k5(b)], dim=1)
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+class ResNeXtBlock(nn.Module):
+    """ResNeXt/RegNet: a grouped 3×3 conv between two 1×1 convs, inside a residual block."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.conv1 = nn.Conv2d(16, 16, 1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv3 = nn.Conv2d(16, 16, 1)
+        self.bn3 = nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        x = torch.relu(x + self.bn3(self.conv3(y)))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class ConvNeXtBlock(nn.Module):
+    """ConvNeXt: a depthwise conv, then an MLP of nn.Linear on channels-last features,
+    inside a residual block: the width worth pruning is the MLP's hidden layer."""
+
+    def __init__(self, dim=16):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 2, stride=2)
+        self.dw = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 4 * dim)
+        self.fc2 = nn.Linear(4 * dim, dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        y = self.fc2(torch.nn.functional.gelu(self.fc1(y))).permute(0, 3, 1, 2)
+        return self.head((x + y).mean(dim=(2, 3)))
+
+
+MOTIFS = {"conv_head": ConvHead, "seg_head": SegHead, "shuffle": ShuffleNetBlock, "ghost": GhostBlock,
+          "mixconv": MixConv, "resnext": ResNeXtBlock}

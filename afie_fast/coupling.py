@@ -1,0 +1,248 @@
+"""Which filters must go together, and which convs must stay whole.
+
+torch-pruning's DependencyGraph links every conv's output channels to the layers they
+feed (BN, residual adds, concat, depthwise convs, the next conv's inputs). This module
+reads that graph into pruning *units* and refuses, with a reason, every coupling that a
+cut would get wrong: channels that reach the model's output, residual streams (unless
+asked), and channel splits, slices and reshapes whose sizes are fixed in the model's own
+forward code (ShuffleNet's shuffle, GhostNet's slice, MixConv's split), which the graph
+cannot rewrite.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+OPTYPE = tp.ops.OPTYPE
+# torch functions whose output shape decides whether channels keep their meaning.
+_SHAPE_FUNCS = {"view", "reshape", "flatten", "unflatten", "split", "chunk", "split_with_sizes", "unbind",
+                "__getitem__", "narrow", "tensor_split", "unsafe_split", "_reshape_alias"}
+
+
+@dataclass
+class Unit:
+    """Filters that are removed together: one torch-pruning group rooted at a conv.
+
+    ``channel_groups`` G > 1 when a grouped conv is coupled: the cut is then mirrored
+    across G equal channel groups so every group keeps the same width.
+    """
+
+    root: nn.Module
+    handler: Any
+    members: list[tuple[str, list[int], list[int]]]  # (conv name, its idxs, matching root idxs)
+    width: int
+    channel_groups: int = 1
+    touched: list[tuple[nn.Module, str, int]] = field(default_factory=list)  # (module, "out"|"in", channels)
+
+
+class _ShapeRecorder(TorchFunctionMode):
+    """Records, for every reshape/split-like op of a forward pass, the grad_fn of its
+    output with the input and output shapes: torch-pruning's graph knows the op but not
+    what it did to the channel dimension."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: dict[Any, tuple[tuple[int, ...], tuple[int, ...], str]] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        if name in _SHAPE_FUNCS and args and isinstance(args[0], torch.Tensor):
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            for o in outs:
+                if isinstance(o, torch.Tensor) and o.grad_fn is not None:
+                    self.shapes.setdefault(o.grad_fn, (tuple(args[0].shape), tuple(o.shape), name))
+        return out
+
+
+def _keeps_channels(shape_in: tuple[int, ...], shape_out: tuple[int, ...]) -> bool:
+    """Whether a reshape leaves channel j of its input as channel j of its output (or as
+    the j-th block of a flatten into a Linear, which torch-pruning maps)."""
+    if len(shape_in) < 2 or len(shape_out) < 2 or shape_in[0] != shape_out[0]:
+        return False
+    if shape_in[1] == shape_out[1]:
+        return True
+    return len(shape_out) == 2 and shape_out[1] == math.prod(shape_in[1:])
+
+
+@contextlib.contextmanager
+def _tolerant_reshape_mapping(failed: list):
+    """torch-pruning's reshape index mapping divides by an inferred channel count that is
+    0 for a 5-D view (channel shuffle); keep the graph and mark that node instead. The
+    mapping is recomputed on every group query, so every use of the graph needs this."""
+    mapping = tp.dependency.index_mapping
+    real = mapping.update_reshape_index_mapping
+
+    def tolerant(graph, node):
+        try:
+            real(graph, node)
+        except (ZeroDivisionError, TypeError, ValueError, IndexError):
+            failed.append(node)
+
+    mapping.update_reshape_index_mapping = tolerant
+    try:
+        yield
+    finally:
+        mapping.update_reshape_index_mapping = real
+
+
+@dataclass
+class Graph:
+    """A traced dependency graph and the nodes whose channel coupling cannot be cut."""
+
+    dg: tp.DependencyGraph
+    opaque: dict[Any, str]  # node -> why a cut through it would be wrong
+
+    @property
+    def names(self) -> dict[nn.Module, str]:
+        return self.dg._module2name  # torch-pruning keeps module names only here
+
+    def groups(self, ignored: list[nn.Module]) -> Iterator[tuple[nn.Module, Any, str | None]]:
+        """(conv, its group or None, why not) for every conv's output channels, each
+        coupled set once: torch-pruning's get_all_groups, with an error inside one group
+        confined to that group."""
+        dg, visited = self.dg, set()
+        with _tolerant_reshape_mapping([]):
+            for module in list(dg.module2node):
+                if not isinstance(module, nn.Conv2d) or module in visited:
+                    continue
+                try:
+                    group = dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels,
+                                                 list(range(module.out_channels)))
+                except (IndexError, KeyError, ZeroDivisionError, ValueError, TypeError, RuntimeError) as exc:
+                    yield module, None, f"Torch-Pruning cannot map its coupling ({type(exc).__name__}: {exc})"
+                    continue
+                outs = [item.dep.target.module for item in group if dg.is_out_channel_pruning_fn(item.dep.handler)]
+                visited.update(outs)
+                if any(m in ignored for m in outs):
+                    yield module, group, "ignored_layers (or coupled to one)"
+                else:
+                    yield module, group, None
+
+    def prune(self, root: nn.Module, handler, idxs: list[int]) -> None:
+        with _tolerant_reshape_mapping([]):
+            self.dg.get_pruning_group(root, handler, idxs).prune()
+
+    def replay(self, history: list) -> None:
+        """Redo a pruning history (save/load) on a fresh copy of the model."""
+        with _tolerant_reshape_mapping([]):
+            self.dg.load_pruning_history(history)
+
+
+def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> Graph:
+    """Trace ``model`` (in eval mode, BN statistics untouched) into a dependency graph."""
+    recorder, failed = _ShapeRecorder(), []
+
+    def forward(m, x):
+        with recorder:
+            return m(x)
+
+    with _tolerant_reshape_mapping(failed):
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, forward_fn=forward,
+                                                   verbose=False)
+    opaque: dict[Any, str] = {n: "a channel reshape (e.g. a channel shuffle) Torch-Pruning cannot map" for n in failed}
+    for node in dg.module2node.values():
+        seen = recorder.shapes.get(node.grad_fn)
+        if node.type == OPTYPE.RESHAPE:
+            # Views inside other ops (F.linear on a 4-D input) are not seen: they keep the last dim.
+            if seen is not None and not _keeps_channels(seen[0], seen[1]):
+                opaque.setdefault(node, "a channel reshape (e.g. a channel shuffle) Torch-Pruning cannot map")
+        elif node.type in (OPTYPE.SPLIT, OPTYPE.SLICE, OPTYPE.UNBIND):
+            # Split sizes and slice bounds are constants of the forward code: cutting the
+            # channels they divide breaks them (or silently moves channels across parts).
+            (shape_in, shape_out, _) = seen if seen is not None else ((), (), "")
+            if len(shape_in) < 2 or len(shape_out) < 2 or shape_out[1] != shape_in[1]:
+                opaque.setdefault(node, "a channel split or slice fixed in the model's forward code")
+    # A group reaches an opaque node (and is refused for it) but goes no further: through
+    # it the channel mapping is unknown, and an identity mapping would join whole networks
+    # into one huge group.
+    for node in opaque:
+        node.enable_index_mapping = False
+        for dep in node.dependencies:
+            dep.index_mapping = [None, _cut]
+        for neighbour in [*node.inputs, *node.outputs]:
+            for dep in neighbour.dependencies:
+                if dep.target is node:
+                    dep.index_mapping = [None, None]
+    return Graph(dg, opaque)
+
+
+def _cut(idxs: list) -> list:
+    return []
+
+
+def is_out_conv(dg: tp.DependencyGraph, dep) -> bool:
+    return isinstance(dep.target.module, nn.Conv2d) and dg.is_out_channel_pruning_fn(dep.handler)
+
+
+def _changes_output(dg: tp.DependencyGraph, item) -> bool:
+    """Whether this cut changes a model output's width: it reaches an output node (or a
+    module whose result is returned) other than as the input side of a conv or linear."""
+    node = item.dep.target
+    if node.type == OPTYPE.OUTPUT:
+        return True
+    absorbed = isinstance(node.module, (nn.Conv2d, nn.Linear)) and dg.is_in_channel_pruning_fn(item.dep.handler)
+    return not node.outputs and not absorbed
+
+
+def _channel_groups(module: nn.Module) -> int:
+    """G of a grouped conv (not depthwise, whose channels pair one to one), else 1."""
+    if isinstance(module, nn.Conv2d) and 1 < module.groups and not (module.groups == module.in_channels == module.out_channels):
+        return module.groups
+    return 1
+
+
+def _touched(dg: tp.DependencyGraph, group) -> list[tuple[nn.Module, str, int]]:
+    out = []
+    for item in group:
+        module = item.dep.target.module
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
+            side = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
+            out.append((module, side, len(item.idxs)))
+    return out
+
+
+def find_units(graph: Graph, layers: Iterable[str], prune_residual: bool,
+               ignored: list[nn.Module]) -> tuple[list[Unit], dict[str, str]]:
+    """The prunable units, and every conv of ``layers`` left whole with the reason."""
+    dg, names, layers = graph.dg, graph.names, set(layers)
+    units, skipped = [], {}
+    for root, group, reason in graph.groups(ignored):
+        if group is None:
+            if names[root] in layers:
+                skipped[names[root]] = reason
+            continue
+        members = [(names[item.dep.target.module], list(item.idxs), list(item.root_idxs))
+                   for item in group if is_out_conv(dg, item.dep)]
+        nodes = [item.dep.target for item in group]
+        if reason is not None:
+            pass
+        elif any(_changes_output(dg, item) for item in group):
+            reason = "its channels reach the model's output"
+        elif any(n in graph.opaque for n in nodes):
+            reason = next(graph.opaque[n] for n in nodes if n in graph.opaque)
+        elif not prune_residual and len(members) > 1 and any(
+                n.type == OPTYPE.ELEMENTWISE and type(n.grad_fn).__name__.startswith(("Add", "Sub")) for n in nodes):
+            reason = "residual stream (prune_residual=False)"
+        elif any(m[0] not in layers for m in members):
+            reason = "coupled to a conv outside the report"
+        width = len(group[0].idxs)
+        g = max(_channel_groups(item.dep.target.module) for item in group)
+        if reason is None and g > 1:
+            # Mirrored cuts index channels by their position in the root's group layout.
+            identity = all(list(item.idxs) == list(item.root_idxs) for item in group
+                           if _channel_groups(item.dep.target.module) > 1)
+            if width % g or not identity:
+                reason = "a grouped conv whose groups do not align with the coupled channels"
+        if reason is not None:
+            skipped.update((m[0], reason) for m in members if m[0] in layers)
+            continue
+        units.append(Unit(group[0].dep.target.module, group[0].dep.handler, members, width, g, _touched(dg, group)))
+    return units, skipped

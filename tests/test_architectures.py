@@ -1,0 +1,152 @@
+"""prune() on the couplings of real architectures, each as a small hand-written motif:
+conv heads, channel shuffle, split and slice, grouped convs, Linear MLPs."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import afie_fast as af
+from nets import ARCHS, MOTIFS, ConvNeXtBlock, loader, randomised
+
+X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+ALL = {**ARCHS, **MOTIFS}
+
+
+def build(name, seed=0):
+    torch.manual_seed(seed)
+    model = randomised(ALL[name]()).eval()
+    return model, af.score(model, loader(n_batches=2), progress=False)
+
+
+def zero_even_channels(model):
+    """Make every even-indexed filter of every conv output exactly 0 (weights, bias, and
+    the BN after it), so that those channels carry nothing through the network."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d) and m.out_channels >= 2:
+                m.weight[::2] = 0
+                if m.bias is not None:
+                    m.bias[::2] = 0
+            elif isinstance(m, nn.BatchNorm2d):
+                m.running_mean[::2] = 0
+                m.bias[::2] = 0
+    return model
+
+
+@pytest.mark.parametrize("name", list(ALL))
+@pytest.mark.parametrize("prune_residual", [False, True])
+def test_pruning_removes_exactly_the_chosen_channels(name, prune_residual):
+    # If every removed channel is identically zero in the original, the pruned model must
+    # compute the same function. A coupling cut wrongly (a shuffle or split mapped as the
+    # identity, a group cut unevenly, a head pruned) removes live channels and fails this.
+    model, report = build(name)
+    zero_even_channels(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pruned, stats = af.prune(model, report, target=0.25, example_inputs=X, allocation="uniform",
+                                 prune_residual=prune_residual)
+    assert sum(b - a for b, a in stats.kept.values()) > 0, stats.skipped
+    torch.testing.assert_close(pruned.eval()(X), model(X), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MOTIFS))
+def test_motif_prunes_to_flops_target_keeps_shape_exports_and_reloads(name, tmp_path):
+    model, report = build(name)
+    y = model(X)
+    for unit, target in (("flops", 0.5), ("filters", 0.3)):
+        try:
+            with warnings.catch_warnings():  # a tiny net's whole filters may land 1-2% off
+                warnings.simplefilter("ignore", UserWarning)
+                pruned, stats = af.prune(model, report, target=target, unit=unit, example_inputs=X)
+        except ValueError as exc:  # only a clearly stated structural limit may stop it
+            assert "out of reach" in str(exc) and "left whole" in str(exc)
+            continue
+        pruned.eval()
+        assert pruned(X).shape == y.shape
+        assert all(m.out_channels >= 1 for m in pruned.modules() if isinstance(m, nn.Conv2d))
+        if unit == "flops":
+            assert abs(stats.reached - target) <= 0.05  # one filter of these tiny nets is ~4% of the FLOPs
+        exported = torch.export.export(pruned, (X,))
+        torch.testing.assert_close(exported.module()(X), pruned(X))
+        loaded = af.load_pruned(ALL[name](), af.save_pruned(pruned, tmp_path / f"{name}.safetensors"))
+        assert torch.equal(loaded.eval()(X), pruned(X))
+
+
+@pytest.mark.parametrize("name, head", [("conv_head", "classifier"), ("seg_head", "head")])
+def test_layers_whose_channels_reach_the_output_stay_whole(name, head):
+    model, report = build(name)
+    pruned, stats = af.prune(model, report, target=0.5, example_inputs=X)
+    assert stats.kept[head][0] == stats.kept[head][1]
+    assert stats.skipped[head] == "its channels reach the model's output"
+    assert pruned(X).shape == model(X).shape
+    assert any(a < b for b, a in stats.kept.values())  # the body is pruned
+
+
+@pytest.mark.parametrize("name, whole, pruned_layer", [
+    ("shuffle", "stem", "branch.0"),       # the stem's channels are split and shuffled
+    ("ghost", "primary.0", "conv"),        # the primary conv's channels are concatenated, then sliced
+    ("mixconv", "stem", "conv"),           # the stem's channels are split by fixed sizes
+])
+def test_split_shuffle_and_slice_leave_their_convs_whole_with_a_reason(name, whole, pruned_layer):
+    model, report = build(name)
+    pruned, stats = af.prune(model, report, target=0.4, example_inputs=X)
+    assert stats.kept[whole][0] == stats.kept[whole][1]
+    assert "split" in stats.skipped[whole] or "reshape" in stats.skipped[whole]
+    assert stats.kept[pruned_layer][1] < stats.kept[pruned_layer][0]
+    assert pruned(X).shape == model(X).shape
+
+
+def test_grouped_conv_loses_whole_positions_of_every_group():
+    model, report = build("resnext")
+    pruned, stats = af.prune(model, report, target=0.5, example_inputs=X)
+    conv2 = pruned.conv2
+    assert conv2.groups == 4
+    assert conv2.out_channels < 16 and conv2.out_channels % 4 == 0 and conv2.in_channels % 4 == 0
+    # Which filters survived: found by their (distinct, random) biases.
+    bias = model.conv2.bias.detach().tolist()
+    kept = [bias.index(b) for b in conv2.bias.detach().tolist()]
+    positions = [sorted(i % 4 for i in kept if i // 4 == g) for g in range(4)]
+    assert all(p == positions[0] for p in positions)  # the same positions in every group
+    assert pruned(X).shape == (2, 5)
+
+
+def test_prunable_share_and_out_of_reach_names_the_cause():
+    model, report = build("resnet_basic")
+    _, stats = af.prune(model, report, target=0.3, example_inputs=X)
+    assert 0 < stats.prunable_macs < 1 and 0 < stats.prunable_params < 1
+    assert "prunable:" in stats.summary()
+    with pytest.raises(ValueError, match=r"out of reach.*residual stream.*prune_residual=True"):
+        af.prune(model, report, target=0.9, unit="flops", example_inputs=X)
+
+
+def test_nothing_to_prune_says_why():
+    torch.manual_seed(0)
+    model = ConvNeXtBlock().eval()
+    report = af.score(model, loader(n_batches=1), progress=False)
+    with pytest.raises(ValueError, match="nothing to prune.*(residual|output)"):
+        af.prune(model, report, target=0.5, example_inputs=X)
+
+
+class Versioned(nn.Conv2d):
+    """A module whose loading needs its state-dict version (as torchvision's MNASNet)."""
+
+    _version = 2
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args):
+        if local_metadata.get("version") != 2:
+            raise ValueError(f"version should be 2, got {local_metadata.get('version')}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
+
+
+def test_load_pruned_keeps_module_versions(tmp_path):
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(Versioned(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 5)).eval()
+
+    model = make()
+    report = af.score(model, loader(n_batches=1), progress=False)
+    pruned, _ = af.prune(model, report, target=0.4, example_inputs=X)
+    loaded = af.load_pruned(make(), af.save_pruned(pruned, tmp_path / "v.safetensors"))
+    assert torch.equal(loaded.eval()(X), pruned.eval()(X))
