@@ -1,0 +1,68 @@
+"""Every torchvision classification CNN family, one small member each: score, prune to a
+FLOPs and a filters target, keep the output shape, export, and reload bit-exactly."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import afie_fast as af
+from conftest import import_torchvision
+
+tv = import_torchvision()
+
+FAMILIES = ["resnet18", "resnext50_32x4d", "wide_resnet50_2", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
+            "densenet121", "squeezenet1_1", "googlenet", "inception_v3", "shufflenet_v2_x0_5", "regnet_y_400mf",
+            "mnasnet0_5", "vgg11_bn", "alexnet"]
+# Families whose width sits where prune() cannot cut, and the reason it must give.
+LIMITED = {"convnext_tiny": "residual stream"}
+
+
+def make(name):
+    torch.manual_seed(0)
+    kw = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    return getattr(tv.models, name)(num_classes=10, **kw).eval()
+
+
+def inputs(name):
+    size = 80 if name == "inception_v3" else 64  # Inception v3's stem needs at least 75 pixels
+    return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_prunes_exports_and_reloads(name, tmp_path):
+    model, x = make(name), inputs(name)
+    report = af.score(model, [x], progress=False)
+    y = model(x)
+    for unit, target in (("flops", 0.5), ("filters", 0.3)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "closest whole filters get" miss on these models
+            pruned, stats = af.prune(model, report, target=target, unit=unit, example_inputs=x[:1])
+        pruned.eval()
+        if unit == "flops":
+            assert abs(stats.reached - target) <= 0.02, stats.summary()
+        removed = sum(b - a for b, a in stats.kept.values())
+        assert removed > 0 and all(a >= 1 for _, a in stats.kept.values())
+        assert pruned(x).shape == y.shape
+    exported = torch.export.export(pruned, (x,))
+    torch.testing.assert_close(exported.module()(x), pruned(x))
+    loaded = af.load_pruned(make(name), af.save_pruned(pruned, tmp_path / "p.safetensors"))
+    assert torch.equal(loaded.eval()(x), pruned(x))
+
+
+@pytest.mark.parametrize("name", list(LIMITED))
+def test_family_that_cannot_be_pruned_says_why(name):
+    model, x = make(name), inputs(name)
+    report = af.score(model, [x], progress=False)
+    with pytest.raises(ValueError, match=f"nothing to prune.*{LIMITED[name]}"):
+        af.prune(model, report, target=0.5, unit="flops", example_inputs=x[:1])
+
+
+def test_squeezenet_classifier_is_never_pruned():
+    model, x = make("squeezenet1_1"), inputs("squeezenet1_1")
+    report = af.score(model, source="weights", progress=False)
+    pruned, stats = af.prune(model, report, target=0.5, example_inputs=x[:1])
+    assert stats.kept["classifier.1"] == (10, 10)
+    assert pruned(x).shape == (2, 10)
+    assert isinstance(pruned.classifier[1], nn.Conv2d)
