@@ -149,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, ImportError, RuntimeError) as exc:
         print(f"afie-fast: error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # a bug or a library's internals: still one line, with where to look
+        print(f"afie-fast: error: unexpected {type(exc).__name__}: {exc} (please report it)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("afie-fast: interrupted", file=sys.stderr)
         return 130

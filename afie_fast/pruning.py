@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from collections import OrderedDict
 import warnings
@@ -115,27 +116,13 @@ def _choose(unit: Unit, scores: torch.Tensor, k: int) -> list[int]:
 
 
 class _CostModel:
-    """MACs and params of the model as a function of each unit's cut, from one forward
-    pass: conv and linear costs scale with their kept input and output fractions, BN with
-    its kept channels. prune() searches a FLOPs/params target on this, then measures once."""
+    """MACs and params of the model as a function of each unit's cut: Torch-Pruning's own
+    per-layer counts, conv and linear scaled by their kept input and output fractions, BN
+    by its kept channels. prune() searches a FLOPs/params target on this, then measures."""
 
-    def __init__(self, model: nn.Module, example_inputs: torch.Tensor, units: list[Unit], macs0: int, params0: int):
-        self.macs0, self.params0, self.units = macs0, params0, units
-        self.cost: dict[nn.Module, tuple[float, float]] = {}
-        hooks = [m.register_forward_hook(self._hook) for m in model.modules()
-                 if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))]
-        try:
-            with scoring_mode(model):
-                model(example_inputs)
-        finally:
-            for h in hooks:
-                h.remove()
-
-    def _hook(self, module, inputs, output) -> None:
-        params = sum(p.numel() for p in module.parameters(recurse=False))
-        positions = output[0].numel() / output.shape[1] if isinstance(module, nn.Conv2d) else output[0].numel() / output.shape[-1]
-        macs = module.weight.numel() * positions if isinstance(module, (nn.Conv2d, nn.Linear)) else output[0].numel()
-        self.cost.setdefault(module, (macs, params))
+    def __init__(self, measured: "_Measured", names: dict[nn.Module, str], units: list[Unit]):
+        self.macs0, self.params0, self.units = measured.macs, measured.params, units
+        self.cost = {m: measured.layers[n] for m, n in names.items() if n in measured.layers}
 
     def predict(self, counts: list[int]) -> tuple[float, float]:
         removed: dict[tuple[nn.Module, str], float] = {}
@@ -188,10 +175,36 @@ def _max_target(units: list[Unit]) -> float:
     return sum(min(MAX_RATIO * u.width, u.width - u.channel_groups) for u in units) / total
 
 
-def _measure(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
-    with scoring_mode(model):
-        macs, params = tp.utils.count_ops_and_params(model, example_inputs)
-    return round(macs), int(params)
+@dataclass
+class _Measured:
+    """One instrumented forward: Torch-Pruning's MAC and param counts (total and per
+    conv/linear/BN layer by name), the output shape, and how often each conv ran."""
+
+    macs: int
+    params: int
+    layers: dict[str, tuple[float, float]]
+    shape: Any  # of the output, see _shapes
+    calls: dict[str, int]
+
+
+def _measure(model: nn.Module, example_inputs: torch.Tensor) -> _Measured:
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    calls, shape = dict.fromkeys(convs, 0), []
+    # Hooks on the model travel into the copy Torch-Pruning counts on; the closures are shared.
+    hooks = [m.register_forward_hook(lambda *_, n=n: calls.__setitem__(n, calls[n] + 1)) for n, m in convs.items()]
+    hooks.append(model.register_forward_hook(lambda _m, _i, out: shape.append(_shapes(out))))
+    try:
+        with scoring_mode(model):
+            macs, params, layer_macs, layer_params = tp.utils.count_ops_and_params(model, example_inputs,
+                                                                                      layer_wise=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    names = {m: n for n, m in model.named_modules()}
+    per_batch = macs / layer_macs[model] if layer_macs.get(model) else 1.0  # the total is per input, layers per batch
+    layers = {names[m]: (float(layer_macs[m] or 0) * per_batch, float(layer_params[m] or 0)) for m in layer_macs
+              if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))}
+    return _Measured(round(macs), int(params), layers, shape[0], calls)
 
 
 def _prunable_share(cost: _CostModel, units: list[Unit]) -> tuple[float, float]:
@@ -249,6 +262,8 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
         ValueError: a target out of reach, with the cause (the layers left whole and why)
             and the largest reachable target.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     criterion = criterion or DEFAULT_CRITERION
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
@@ -260,13 +275,14 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
         raise ValueError(f"target must be a fraction in [0, 1), got {target!r}")
     if not isinstance(example_inputs, torch.Tensor):
         raise TypeError("example_inputs must be a tensor batch the model accepts, e.g. torch.randn(1, 3, 32, 32)")
-    _check_report(model, report)
+    convs0 = _check_report(model, report)
+    _check_ignored(ignored_layers, convs0)
     if criterion in ("variance", "independence"):
         _filter_scores(report, {}, next(iter(report.layers)), criterion)  # a clear error before any work
     example_inputs = example_inputs.detach()
-    macs0, params0 = _measure(model, example_inputs)
-    with scoring_mode(model):
-        y0_shape = model(example_inputs).shape
+    before = _measure(model, example_inputs)
+    _check_not_shared(before.calls)
+    macs0, params0 = before.macs, before.params
 
     def units_of(copy_: nn.Module):
         convs = {n: m for n, m in copy_.named_modules() if isinstance(m, nn.Conv2d)}
@@ -280,7 +296,7 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
     convs, graph, units, skipped = units_of(work)
     if not units:
         raise ValueError(f"nothing to prune in this {type(model).__name__}: {_why_short(skipped, prune_residual)}")
-    cost = _CostModel(work, example_inputs, units, macs0, params0)
+    cost = _CostModel(before, graph.names, units)
     max_t = _max_target(units)
     base = macs0 if unit == "flops" else params0
     predicted = lambda p: 1 - (p.macs if unit == "flops" else p.params) / base
@@ -307,11 +323,10 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
         if attempt:  # the cost model missed by more than 1%: aim off by the miss, on a fresh copy
             work = copy.deepcopy(model)
             convs, graph, units, skipped = units_of(work)
-            cost = _CostModel(work, example_inputs, units, macs0, params0)
+            cost = _CostModel(before, graph.names, units)
             plan = search(min(max(goal, 0.0), 1.0))
         _apply(graph, units, plan, report, convs, criterion, seed)
-        _check_runs(work, example_inputs, y0_shape)
-        macs, params = _measure(work, example_inputs)
+        macs, params = _check_runs(work, example_inputs, before.shape)
         if unit == "filters":
             break
         reached = 1 - (macs if unit == "flops" else params) / base
@@ -347,6 +362,40 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
     return work, stats
 
 
+def _check_ignored(ignored_layers, convs: dict[str, nn.Conv2d]) -> None:
+    if ignored_layers is None:
+        return
+    if isinstance(ignored_layers, (str, nn.Module)) or not isinstance(ignored_layers, (list, tuple, set)):
+        raise TypeError(f"ignored_layers must be a list of conv names or modules, got {type(ignored_layers).__name__}")
+    modules = set(map(id, convs.values()))
+    unknown = [x for x in ignored_layers if (x not in convs if isinstance(x, str) else id(x) not in modules)]
+    if unknown:
+        shown = [x if isinstance(x, str) else type(x).__name__ for x in unknown]
+        raise ValueError(f"ignored_layers: {shown} are not Conv2d layers of the model "
+                         f"(it has: {', '.join(list(convs)[:8])}{' …' if len(convs) > 8 else ''})")
+
+
+def _shapes(out: Any) -> Any:
+    """The shapes of a model output: a tensor, or tuples, lists and dicts of them."""
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape)
+    if isinstance(out, (tuple, list)):
+        return tuple(_shapes(o) for o in out)
+    if isinstance(out, dict):
+        return tuple((k, _shapes(v)) for k, v in out.items())
+    return type(out).__name__
+
+
+def _check_not_shared(calls: dict[str, int]) -> None:
+    """A conv that runs twice in one forward (shared weights) feeds two places, which a
+    cut cannot keep consistent."""
+    shared = [n for n, k in calls.items() if k > 1]
+    if shared:
+        raise ValueError(f"conv {shared[0]!r} runs {calls[shared[0]]} times in one forward (shared weights"
+                         f"{f'; also {shared[1:4]}' if len(shared) > 1 else ''}): afie_fast cannot prune a model "
+                         "that reuses a conv")
+
+
 def _apply(graph: Graph, units: list[Unit], plan: _Plan, report: AFIEReport, convs, criterion: str, seed: int) -> None:
     for i, (unit, k) in enumerate(zip(units, plan.counts)):
         if k == 0:
@@ -355,22 +404,22 @@ def _apply(graph: Graph, units: list[Unit], plan: _Plan, report: AFIEReport, con
         graph.prune(unit.root, unit.handler, _choose(unit, scores, k))
 
 
-def _check_runs(model: nn.Module, example_inputs: torch.Tensor, shape: torch.Size) -> None:
-    """The pruned copy must run and give outputs of the original's shape: a failure here
-    is a coupling the dependency graph did not see, reported as such."""
+def _check_runs(model: nn.Module, example_inputs: torch.Tensor, shape: Any) -> tuple[int, int]:
+    """MACs and params of the pruned copy, which must run and give outputs of the
+    original's shape: a failure here is a coupling the dependency graph did not see."""
     empty = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.out_channels < 1]
     if empty:
         raise RuntimeError(f"afie_fast bug: pruning left {empty[:3]} with no filters; please report it")
     try:
-        with scoring_mode(model):
-            got = model(example_inputs).shape
+        after = _measure(model, example_inputs)
     except RuntimeError as exc:
         raise RuntimeError(f"the pruned {type(model).__name__} does not run ({str(exc).splitlines()[0]}): its forward "
                            "couples channels in a way Torch-Pruning's graph does not see; pass the convs involved in "
                            "ignored_layers=[...]") from exc
-    if got != shape:
-        raise RuntimeError(f"the pruned {type(model).__name__} gives outputs of shape {tuple(got)} instead of "
-                           f"{tuple(shape)}; pass the convs involved in ignored_layers=[...]")
+    if after.shape != shape:
+        raise RuntimeError(f"the pruned {type(model).__name__} gives outputs of shape {after.shape} instead of "
+                           f"{shape}; pass the convs involved in ignored_layers=[...]")
+    return after.macs, after.params
 
 
 def _state_dict_metadata(model: nn.Module) -> dict[str, dict]:
@@ -389,6 +438,8 @@ class AFIEImportance(tp.importance.Importance):
     """
 
     def __init__(self, report: AFIEReport, criterion: str = DEFAULT_CRITERION) -> None:
+        if not isinstance(report, AFIEReport):
+            raise TypeError(f"report must be an AFIEReport, got {type(report).__name__}")
         if criterion not in CRITERIA[:3]:
             raise ValueError(f"criterion must be one of {CRITERIA[:3]}, got {criterion!r}")
         self.report, self.criterion = report, criterion
@@ -414,33 +465,61 @@ class AFIEImportance(tp.importance.Importance):
 
 def save_pruned(pruned: nn.Module, path: str | Path) -> Path:
     """Save a model returned by :func:`prune` without pickle: one safetensors file holding
-    the weights and, in its metadata, the pruning plan (kept filters per layer, as JSON)."""
+    the weights and, in its metadata, the pruning plan (kept filters per layer, as JSON)
+    and a SHA-256 of both that :func:`load_pruned` checks."""
     from safetensors.torch import save_file
 
+    if not isinstance(pruned, nn.Module):
+        raise TypeError(f"pruned must be the torch.nn.Module afie_fast.prune returned, got {type(pruned).__name__}")
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
     plan = getattr(pruned, "afie_fast_plan", None)
     if plan is None:
         raise ValueError("save_pruned takes a model returned by afie_fast.prune (it carries the pruning plan)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in pruned.state_dict().items()}
-    save_file(tensors, str(path), metadata={"afie_fast.plan": json.dumps(plan)})
+    plan_json = json.dumps(plan)
+    save_file(tensors, str(path), metadata={"afie_fast.plan": plan_json,
+                                            "afie_fast.sha256": _file_digest(tensors, plan_json)})
     return path
+
+
+def _file_digest(tensors: dict[str, torch.Tensor], plan_json: str) -> str:
+    """SHA-256 over the plan and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(plan_json.encode())
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     """Rebuild a pruned model from a fresh, unpruned instance of its architecture and a
-    file written by :func:`save_pruned`. Returns a new module; ``model`` is not changed."""
-    from safetensors import safe_open
+    file written by :func:`save_pruned`. Returns a new module; ``model`` is not changed.
+    A damaged or edited file (its checksum does not match) is a ValueError."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a fresh instance of the pruned model's architecture (a torch.nn.Module), "
+                        f"got {type(model).__name__}")
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
     path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        plan = json.loads(meta["afie_fast.plan"])
-    except (OSError, KeyError, ValueError, Exception) as exc:  # safetensors raises its own error types
+        plan_json = meta["afie_fast.plan"]
+        plan = json.loads(plan_json)
+        state = OrderedDict(load_file(str(path)))
+    except (OSError, KeyError, ValueError, SafetensorError) as exc:
         raise ValueError(f"{path}: not a pruned model saved by afie_fast.save_pruned ({exc})") from exc
-    if plan.get("format") != PLAN_FORMAT or int(plan.get("version", 0)) > PLAN_VERSION:
+    if "afie_fast.sha256" in meta and meta["afie_fast.sha256"] != _file_digest(state, plan_json):
+        raise ValueError(f"{path}: corrupt file: its weights or plan do not match its checksum "
+                         "(damaged or edited after save_pruned)")
+    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT or int(plan.get("version", 0)) > PLAN_VERSION:
         raise ValueError(f"{path}: unknown or newer pruning plan format")
     convs = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     expected = {n: b for n, (b, _) in plan["layers"].items()}
@@ -451,7 +530,6 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     example = torch.zeros(plan["input_shape"], dtype=getattr(torch, plan["input_dtype"]))
     with scoring_mode(rebuilt):
         build_graph(rebuilt, example).replay([[n, out, idxs] for n, out, idxs in plan["history"]])
-    state = OrderedDict(load_file(str(path)))
     state._metadata = plan.get("state_dict_metadata", {})  # module versions, which safetensors does not keep
     rebuilt.load_state_dict(state, strict=True)
     rebuilt.afie_fast_plan = plan

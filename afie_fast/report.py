@@ -1,6 +1,7 @@
 """AFIEReport: per-layer AFIE scores, the paper's ratio allocation, save/load and plots."""
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -8,7 +9,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 FORMAT = "afie_fast.report"
-VERSION = 1
+VERSION = 2  # 2: a SHA-256 of the content; version 1 files (no checksum) still load
+CRITERIA = ("l1", "variance", "independence")
 MAX_RATIO = 0.99  # the paper's cap on a layer's pruning ratio
 
 
@@ -105,36 +107,44 @@ class AFIEReport:
                             "filter_scores": {k: list(v) for k, v in ls.filter_scores.items()}} for ls in self]}
 
     def save(self, path: str | Path) -> Path:
-        """Write the report as JSON (floats round-trip bit-exactly)."""
+        """Write the report as JSON (floats round-trip bit-exactly), with a SHA-256 of its
+        content that :meth:`load` checks."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), allow_nan=False))
+        data = self.to_dict()
+        data["sha256"] = _digest(data)
+        path.write_text(json.dumps(data, allow_nan=False))
         return path
 
     @classmethod
     def from_dict(cls, data: Any, origin: str = "report") -> "AFIEReport":
+        """Rebuild a report from :meth:`to_dict` output, checking every field (and the
+        checksum, when there is one): a damaged or edited report is a ValueError."""
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"{origin}: not an afie_fast report (format {FORMAT!r} expected)")
         version = data.get("version")
-        if not isinstance(version, int) or version > VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version > VERSION:
             raise ValueError(f"{origin}: report format version {version!r} is newer than this afie_fast reads "
                              f"({VERSION}); upgrade afie_fast")
+        if version >= 2:
+            stored = data.get("sha256")
+            if stored != _digest({k: v for k, v in data.items() if k != "sha256"}):
+                raise ValueError(f"{origin}: corrupt afie_fast report: its content does not match its checksum "
+                                 "(the file was damaged or edited)")
         try:
-            layers = [LayerScore(name=str(d["name"]), n_filters=int(d["n_filters"]), entropy=float(d["entropy"]),
-                                 afie=float(d["afie"]), spectrum=tuple(float(x) for x in d["spectrum"]),
-                                 filter_scores={str(k): tuple(float(x) for x in v) for k, v in d["filter_scores"].items()},
-                                 n_samples=int(d["n_samples"]), shape_baseline=float(d["shape_baseline"]))
-                      for d in data["layers"]]
+            if data.get("source") not in ("activations", "weights"):
+                raise ValueError(f"source {data.get('source')!r}")
+            layers = [_layer_from_dict(d) for d in data["layers"]]
             return cls(layers, source=str(data["source"]), meta=dict(data.get("meta", {})))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"{origin}: corrupt afie_fast report ({type(exc).__name__}: {exc})") from exc
 
     @classmethod
     def load(cls, path: str | Path) -> "AFIEReport":
-        """Read a report written by :meth:`save`; a foreign, truncated or newer file is a ValueError."""
+        """Read a report written by :meth:`save`; a foreign, damaged, edited or newer file is a ValueError."""
         try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as exc:
+            data = json.loads(Path(path).read_bytes().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"{path}: not valid JSON, truncated or not an afie_fast report ({exc})") from exc
         return cls.from_dict(data, origin=str(path))
 
@@ -173,6 +183,48 @@ class AFIEReport:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
         return path
+
+
+def _digest(data: dict[str, Any]) -> str:
+    # allow_nan: an edited file may hold NaN; it must fail the comparison, not the hashing.
+    return hashlib.sha256(json.dumps(data, sort_keys=True, allow_nan=True).encode()).hexdigest()
+
+
+def _finite(values, what: str, minimum: float | None = None) -> tuple[float, ...]:
+    out = tuple(float(v) for v in values)
+    if not all(math.isfinite(v) for v in out):
+        raise ValueError(f"{what} holds NaN or Inf")
+    if minimum is not None and any(v < minimum for v in out):
+        raise ValueError(f"{what} holds values below {minimum}")
+    return out
+
+
+def _layer_from_dict(d: dict[str, Any]) -> LayerScore:
+    """One layer of a saved report, every field checked: what reaches prune() is sound."""
+    name = d["name"]
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"layer name {name!r}")
+    c = d["n_filters"]
+    if not isinstance(c, int) or isinstance(c, bool) or c < 1:
+        raise ValueError(f"layer {name!r}: n_filters {c!r}")
+    (entropy, afie, baseline) = _finite([d["entropy"], d["afie"], d["shape_baseline"]], f"layer {name!r}: scores", 0.0)
+    if not math.isclose(afie, entropy / c, rel_tol=1e-9, abs_tol=1e-15):
+        raise ValueError(f"layer {name!r}: afie {afie} is not entropy / n_filters ({entropy / c})")
+    spectrum = _finite(d["spectrum"], f"layer {name!r}: spectrum", 0.0)
+    if not 1 <= len(spectrum) <= c:
+        raise ValueError(f"layer {name!r}: a spectrum of {len(spectrum)} values for {c} filters")
+    scores = {}
+    for key, values in d["filter_scores"].items():
+        if key not in CRITERIA:
+            raise ValueError(f"layer {name!r}: unknown criterion {key!r}")
+        scores[key] = _finite(values, f"layer {name!r}: {key} scores")
+        if len(scores[key]) != c:
+            raise ValueError(f"layer {name!r}: {len(scores[key])} {key} scores for {c} filters")
+    n = d["n_samples"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"layer {name!r}: n_samples {n!r}")
+    return LayerScore(name=name, n_filters=c, entropy=entropy, afie=afie, spectrum=spectrum, filter_scores=scores,
+                      n_samples=n, shape_baseline=baseline)
 
 
 def allocate_ratios(afie_and_width: Mapping[str, tuple[float, int]], target: float, max_target: float) -> dict[str, float]:

@@ -116,11 +116,23 @@ def _layer_score(name: str, conv: nn.Conv2d, spectrum: torch.Tensor, filter_scor
 
 
 def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    for t in model.parameters():
-        return t.device
-    return torch.device("cpu")
+    """The device to score on, checked before any work: one this torch can use."""
+    if device is None:
+        for t in model.parameters():
+            return t.device
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: {device!r} is not a torch device ({exc})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}, but this torch {'has no CUDA device' if torch.backends.cuda.is_built() else 'was built without CUDA'}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={device!r}, but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif dev.type != "cpu":
+        raise ValueError(f"device={device!r}: afie_fast scores on 'cpu' or 'cuda'")
+    return dev
 
 
 def score(model: nn.Module, loader: Iterable | None = None, *, source: str | None = None,
@@ -158,6 +170,7 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     convs = select_convs(model, layers)
+    dev = _resolve_device(model, device)  # checked before any work, for both sources
     meta = {"model": type(model).__name__, "afie_fast": _ext._C.__version__}
     if source == "weights":
         report = AFIEReport([_layer_score(n, c, weight_spectrum(c), {"l1": l1_scores(c)}, 0) for n, c in convs.items()],
@@ -173,12 +186,11 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
         raise ValueError(f"criteria: unknown {bad}; choose from {ACTIVATION_CRITERIA}")
     if precision not in ("float32", "float64"):
         raise ValueError(f"precision must be 'float32' or 'float64', got {precision!r}")
-    if max_batches is not None and (not isinstance(max_batches, int) or max_batches <= 0):
+    if max_batches is not None and (not isinstance(max_batches, int) or isinstance(max_batches, bool) or max_batches <= 0):
         raise ValueError(f"max_batches must be a positive int, got {max_batches!r}")
     if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise RuntimeError("distributed=True needs torch.distributed to be initialised first")
 
-    dev = _resolve_device(model, device)
     accs, n_batches, seconds = stream_activations(model, loader, convs, dev, max_batches, progress, input_fn,
                                                   getattr(torch, precision))
     if distributed:
@@ -231,6 +243,10 @@ def stream_activations(model: nn.Module, loader: Iterable, convs: dict[str, nn.C
 
     def hook_for(name: str):
         def hook(_module, _inputs, output):
+            if output.dim() != 4:  # Conv2d also runs on an unbatched (C, H, W) input
+                raise ValueError(f"layer {name!r}, batch {batch_index}: the conv gave a {output.dim()}-D output "
+                                 f"{tuple(output.shape)}; a batch of images is (N, C, H, W): add the batch "
+                                 f"dimension (x.unsqueeze(0)) to an unbatched input")
             try:
                 accs[name].update(output)
             except ValueError as exc:

@@ -1,0 +1,85 @@
+"""prune() time against its floor: one Torch-Pruning dependency graph and its groups.
+
+prune(unit="flops") traces the model once, reads its couplings into units, searches the
+FLOPs target on a cost model of that graph and measures the result once. Its floor is
+one `build_dependency` + `get_all_groups` (what any Torch-Pruning user pays); the issue's
+bound is 3× that. Both are timed in interleaved rounds on the same model.
+
+    python benchmarks/bench_prune.py                     # ResNet-50/224 and torchvision's families
+    python benchmarks/bench_prune.py --models resnet50 --rounds 5
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+import afie_fast as af
+from afie_fast.coupling import build_graph
+from afie_fast.models import resnet50
+
+sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+from _timing import interleaved, table  # noqa: E402
+
+TORCHVISION = ["resnet18", "resnext50_32x4d", "mobilenet_v2", "efficientnet_b0", "densenet121", "squeezenet1_1",
+               "googlenet", "inception_v3", "shufflenet_v2_x1_0", "regnet_y_400mf", "mnasnet0_5", "vgg11_bn"]
+
+
+def build(name: str) -> tuple[nn.Module, torch.Tensor]:
+    if name == "resnet50":
+        return resnet50().eval(), torch.randn(1, 3, 224, 224)
+    from conftest import import_torchvision  # the test shim: torchvision's CUDA wheel beside a CPU torch
+
+    tv = import_torchvision()
+    kw = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    size = 299 if name == "inception_v3" else 224
+    return getattr(tv.models, name)(**kw).eval(), torch.randn(1, 3, size, size)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=",".join(["resnet50", *TORCHVISION]))
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    rows = []
+    for name in args.models.split(","):
+        model, x = build(name)
+        name = name
+        report = af.score(model, source="weights", progress=False)
+
+        def floor():
+            dg = tp.DependencyGraph().build_dependency(model, example_inputs=x, verbose=False)
+            return list(dg.get_all_groups(root_module_types=[nn.Conv2d]))
+
+        try:
+            floor()
+        except ZeroDivisionError:  # Torch-Pruning alone cannot trace a channel shuffle: afie_fast's tolerant trace
+            def floor():
+                return list(build_graph(model, x).groups([]))
+            name += "*"
+
+        def run_prune():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return af.prune(model, report, target=0.5, unit="flops", example_inputs=x)
+
+        times = interleaved({"floor": floor, "prune": run_prune}, repeats=args.rounds, warmup=0)
+        _, stats = run_prune()
+        ratio = statistics.median(p / f for p, f in zip(times["prune"], times["floor"]))
+        rows.append([name, f"{statistics.median(times['floor']):.2f}", f"{statistics.median(times['prune']):.2f}",
+                     f"{ratio:.2f}×", f"{stats.reached:.1%}", f"{stats.prunable_macs:.0%}"])
+        print(rows[-1], flush=True)
+    print(table(["model", "graph + groups s", "prune(flops 50%) s", "ratio (≤ 3×)", "FLOPs removed",
+                 "prunable MACs"], rows))
+
+
+if __name__ == "__main__":
+    main()
