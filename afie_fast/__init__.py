@@ -2,6 +2,7 @@
 from importlib.metadata import PackageNotFoundError, version as _version
 
 from .accumulator import CovarianceAccumulator
+from .calibration import recalibrate_bn
 from .entropy import afie_from_spectrum, backend_info
 from .report import AFIEReport, LayerScore
 from .pruning import AFIEImportance, PruneStats, load_pruned, prune, save_pruned
@@ -15,4 +16,4 @@ except PackageNotFoundError:  # pragma: no cover
     __version__ = _core.__version__
 
 __all__ = ["AFIEImportance", "AFIEReport", "CovarianceAccumulator", "LayerScore", "PruneStats", "afie_from_spectrum",
-           "backend_info", "load_pruned", "prune", "save_pruned", "score", "__version__"]
+           "backend_info", "load_pruned", "prune", "recalibrate_bn", "save_pruned", "score", "__version__"]

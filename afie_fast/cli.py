@@ -84,9 +84,22 @@ def cmd_prune(args: argparse.Namespace) -> None:
 
     model, default_shape = _load_model(args.model, args.state_dict)
     report = af.AFIEReport.load(args.report)
-    x = torch.zeros(1, *_input_shape(args.input_shape, default_shape))
+    shape = _input_shape(args.input_shape, default_shape)
+    x = torch.zeros(1, *shape)
+    if args.finetune_epochs and args.data != "digits":
+        raise ValueError("--finetune-epochs needs labelled data: add --data digits")
+    calibrate = _batches(args.data, shape, args.batches, args.batch_size, args.seed) if args.data else None
     pruned, stats = af.prune(model, report, target=args.target, unit=args.unit, example_inputs=x,
-                             criterion=args.criterion, prune_residual=args.prune_residual)
+                             criterion=args.criterion, prune_residual=args.prune_residual, calibrate=calibrate)
+    if args.finetune_epochs:
+        from .data import load_digits
+        from .training import train
+
+        plan = pruned.afie_fast_plan
+        split = load_digits(seed=args.seed, size=shape[-1])
+        pruned = train(pruned, split.train_loader(64, args.seed), args.finetune_epochs, lr=1e-3,
+                       teacher=model if args.distill else None)
+        pruned.afie_fast_plan = plan
     out = Path(args.out)
     path = af.save_pruned(pruned, out / "pruned.safetensors")
     print(stats.summary())
@@ -97,7 +110,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from .demo import run_demo
 
     run_demo(Path(args.out), epochs=args.epochs, finetune_epochs=args.finetune_epochs, target=args.target,
-             seed=args.seed, progress=not args.quiet)
+             seed=args.seed, progress=not args.quiet, distill=args.distill)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--target", type=float, default=0.5, help="fraction of filters to remove (default: 0.5)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
+                   help="fine-tune by distillation from the unpruned model (default) or with cross-entropy only")
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("score", help="score a model's conv layers with AFIE")
@@ -137,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--criterion", choices=["l1", "variance", "independence", "random"])
     q.add_argument("--prune-residual", action="store_true")
     q.add_argument("--input-shape", help="C,H,W of one input (zoo models know theirs)")
+    q.add_argument("--data", choices=["digits", "random"],
+                   help="recalibrate the pruned model's BatchNorm statistics on this data")
+    q.add_argument("--batches", type=int, default=20, help="batches for the recalibration (default: 20)")
+    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune on --data digits afterwards")
+    q.add_argument("--distill", action=argparse.BooleanOptionalAction, default=True,
+                   help="fine-tune by distillation from the unpruned model (default) or cross-entropy only")
     q.add_argument("--out", required=True, help="output folder")
     q.set_defaults(func=cmd_prune)
     return p

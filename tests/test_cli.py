@@ -19,7 +19,8 @@ def run(args, cwd):
 def test_demo_end_to_end(tmp_path):
     out = run(["demo", "--out", "demo", "--epochs", "3", "--finetune-epochs", "1", "--quiet"], tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "pruned + fine-tuned" in out.stdout and "CPU ms/img" in out.stdout
+    assert "+ BatchNorm recalibrated" in out.stdout and "+ fine-tuned 1 ep (distilled)" in out.stdout
+    assert "CPU ms/img" in out.stdout
     folder = tmp_path / "demo"
     report = af.AFIEReport.load(folder / "report_activations.json")
     assert report.source == "activations" and len(report) == 4
@@ -38,6 +39,12 @@ def test_score_and_prune_commands(tmp_path):
     out = run(["prune", "digits_cnn", "--report", "r.json", "--target", "0.3", "--unit", "flops", "--out", "p"], tmp_path)
     assert out.returncode == 0, out.stderr
     assert "MACs" in out.stdout and (tmp_path / "p" / "pruned.safetensors").exists()
+    out = run(["prune", "digits_cnn", "--report", "r.json", "--target", "0.3", "--out", "q", "--data", "digits",
+               "--finetune-epochs", "1"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    tuned = af.load_pruned(digits_cnn(), tmp_path / "q" / "pruned.safetensors")
+    plain = af.load_pruned(digits_cnn(), tmp_path / "p" / "pruned.safetensors")
+    assert not torch.equal(tuned[1].running_mean, plain[1].running_mean)  # recalibrated, then fine-tuned
 
 
 @pytest.mark.parametrize("args, message", [
