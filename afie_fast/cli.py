@@ -68,7 +68,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     if args.data:
         loader = _batches(args.data, _input_shape(args.input_shape, default_shape), args.batches, args.batch_size, args.seed)
     criteria = tuple(args.criteria.split(",")) if args.criteria else None
-    report = af.score(model, loader, progress=not args.json, criteria=criteria)
+    report = af.score(model, loader, progress=not args.json, criteria=criteria, linear=args.linear)
     if args.out:
         report.save(args.out)
     if args.json:
@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--input-shape", help="C,H,W of one input (zoo models know theirs)")
     s.add_argument("--criteria", help="filter scores to compute, e.g. l1,variance,independence")
+    s.add_argument("--linear", action="store_true", help="also score nn.Linear layers (MLP hidden widths)")
     s.add_argument("--target", type=float, default=0.5, help="target for the ratio column (default: 0.5)")
     s.add_argument("--out", help="write the report JSON here")
     s.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -20,6 +20,8 @@ import torch_pruning as tp
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .layers import width
+
 OPTYPE = tp.ops.OPTYPE
 # torch functions whose output shape decides whether channels keep their meaning.
 _SHAPE_FUNCS = {"view", "reshape", "flatten", "unflatten", "split", "chunk", "split_with_sizes", "unbind",
@@ -111,11 +113,11 @@ class Graph:
         dg, visited = self.dg, set()
         with _tolerant_reshape_mapping([]):
             for module in list(dg.module2node):
-                if not isinstance(module, nn.Conv2d) or module in visited:
+                if not isinstance(module, (nn.Conv2d, nn.Linear)) or module in visited:
                     continue
                 try:
                     group = dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels,
-                                                 list(range(module.out_channels)))
+                                                 list(range(width(module))))
                 except (IndexError, KeyError, ZeroDivisionError, ValueError, TypeError, RuntimeError) as exc:
                     yield module, None, f"Torch-Pruning cannot map its coupling ({type(exc).__name__}: {exc})"
                     continue
@@ -179,7 +181,8 @@ def _cut(idxs: list) -> list:
 
 
 def is_out_conv(dg: tp.DependencyGraph, dep) -> bool:
-    return isinstance(dep.target.module, nn.Conv2d) and dg.is_out_channel_pruning_fn(dep.handler)
+    """Whether the dependency cuts the outputs of a conv or linear layer (its filters)."""
+    return isinstance(dep.target.module, (nn.Conv2d, nn.Linear)) and dg.is_out_channel_pruning_fn(dep.handler)
 
 
 def _changes_output(dg: tp.DependencyGraph, item) -> bool:
@@ -211,7 +214,7 @@ def _touched(dg: tp.DependencyGraph, group) -> list[tuple[nn.Module, str, int]]:
 
 def find_units(graph: Graph, layers: Iterable[str], prune_residual: bool,
                ignored: list[nn.Module]) -> tuple[list[Unit], dict[str, str]]:
-    """The prunable units, and every conv of ``layers`` left whole with the reason."""
+    """The prunable units, and every layer of ``layers`` left whole with the reason."""
     dg, names, layers = graph.dg, graph.names, set(layers)
     units, skipped = [], {}
     for root, group, reason in graph.groups(ignored):
@@ -219,8 +222,13 @@ def find_units(graph: Graph, layers: Iterable[str], prune_residual: bool,
             if names[root] in layers:
                 skipped[names[root]] = reason
             continue
+        # A Linear's outputs are filters only when the report scored it (score(linear=True));
+        # otherwise it is cut along like any coupled layer (an SE block's excitation).
         members = [(names[item.dep.target.module], list(item.idxs), list(item.root_idxs))
-                   for item in group if is_out_conv(dg, item.dep)]
+                   for item in group if is_out_conv(dg, item.dep)
+                   and (isinstance(item.dep.target.module, nn.Conv2d) or names[item.dep.target.module] in layers)]
+        if not members:
+            continue
         nodes = [item.dep.target for item in group]
         if reason is not None:
             pass
@@ -233,16 +241,17 @@ def find_units(graph: Graph, layers: Iterable[str], prune_residual: bool,
             reason = "residual stream (prune_residual=False)"
         elif any(m[0] not in layers for m in members):
             reason = "coupled to a conv outside the report"
-        width = len(group[0].idxs)
+        n_channels = len(group[0].idxs)
         g = max(_channel_groups(item.dep.target.module) for item in group)
         if reason is None and g > 1:
             # Mirrored cuts index channels by their position in the root's group layout.
             identity = all(list(item.idxs) == list(item.root_idxs) for item in group
                            if _channel_groups(item.dep.target.module) > 1)
-            if width % g or not identity:
+            if n_channels % g or not identity:
                 reason = "a grouped conv whose groups do not align with the coupled channels"
         if reason is not None:
             skipped.update((m[0], reason) for m in members if m[0] in layers)
             continue
-        units.append(Unit(group[0].dep.target.module, group[0].dep.handler, members, width, g, _touched(dg, group)))
+        units.append(Unit(group[0].dep.target.module, group[0].dep.handler, members, n_channels, g,
+                          _touched(dg, group)))
     return units, skipped

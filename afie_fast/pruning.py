@@ -15,6 +15,7 @@ import torch_pruning as tp
 from torch import nn
 
 from .calibration import recalibrate_bn
+from .layers import Layer, layers_of, width
 from .coupling import Graph, Unit, build_graph, find_units, is_out_conv
 from .report import MAX_RATIO, AFIEReport, allocate_ratios, round_counts
 from .scoring import l1_scores, scoring_mode
@@ -23,7 +24,7 @@ CRITERIA = ("l1", "variance", "independence", "random")
 DEFAULT_CRITERION = "l1"
 UNITS = ("filters", "flops", "params")
 PLAN_FORMAT = "afie_fast.pruned"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: Linear layers in "layers", state-dict metadata
 
 
 @dataclass
@@ -71,20 +72,20 @@ class _Plan:
     params: float
 
 
-def _check_report(model: nn.Module, report: AFIEReport) -> dict[str, nn.Conv2d]:
+def _check_report(model: nn.Module, report: AFIEReport) -> dict[str, Layer]:
     if not isinstance(report, AFIEReport):
         raise TypeError(f"report must be an AFIEReport, got {type(report).__name__}")
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    convs = layers_of(model)
     missing = [n for n in report.layers if n not in convs]
-    wrong = [f"{n} ({report.layers[n].n_filters} in the report, {convs[n].out_channels} in the model)"
-             for n in report.layers if n in convs and convs[n].out_channels != report.layers[n].n_filters]
+    wrong = [f"{n} ({report.layers[n].n_filters} in the report, {width(convs[n])} in the model)"
+             for n in report.layers if n in convs and width(convs[n]) != report.layers[n].n_filters]
     if missing or wrong:
         raise ValueError("the report does not match this model: "
-                         + "; ".join(([f"no Conv2d named {missing[:5]}"] if missing else []) + wrong[:5]))
+                         + "; ".join(([f"no Conv2d or Linear named {missing[:5]}"] if missing else []) + wrong[:5]))
     return convs
 
 
-def _filter_scores(report: AFIEReport, convs: dict[str, nn.Conv2d], name: str, criterion: str) -> torch.Tensor:
+def _filter_scores(report: AFIEReport, convs: dict[str, Layer], name: str, criterion: str) -> torch.Tensor:
     if criterion == "l1":  # from the weights as they are now
         return l1_scores(convs[name])
     scores = report.layers[name].filter_scores.get(criterion)
@@ -189,7 +190,7 @@ class _Measured:
 
 
 def _measure(model: nn.Module, example_inputs: torch.Tensor) -> _Measured:
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    convs = layers_of(model)
     calls, shape = dict.fromkeys(convs, 0), []
     # Hooks on the model travel into the copy Torch-Pruning counts on; the closures are shared.
     hooks = [m.register_forward_hook(lambda *_, n=n: calls.__setitem__(n, calls[n] + 1)) for n, m in convs.items()]
@@ -285,11 +286,11 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
         _filter_scores(report, {}, next(iter(report.layers)), criterion)  # a clear error before any work
     example_inputs = example_inputs.detach()
     before = _measure(model, example_inputs)
-    _check_not_shared(before.calls)
+    _check_not_shared({n: k for n, k in before.calls.items() if n in report.layers or isinstance(convs0[n], nn.Conv2d)})
     macs0, params0 = before.macs, before.params
 
     def units_of(copy_: nn.Module):
-        convs = {n: m for n, m in copy_.named_modules() if isinstance(m, nn.Conv2d)}
+        convs = layers_of(copy_)
         ignored = [convs[x] if isinstance(x, str) else x for x in (ignored_layers or [])]
         with scoring_mode(copy_):  # eval while tracing: BN statistics must not move
             graph = build_graph(copy_, example_inputs)
@@ -299,7 +300,10 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
     work = copy.deepcopy(model)
     convs, graph, units, skipped = units_of(work)
     if not units:
-        raise ValueError(f"nothing to prune in this {type(model).__name__}: {_why_short(skipped, prune_residual)}")
+        hint = ("; its nn.Linear layers may hold the width: score(..., linear=True)"
+                if any(isinstance(m, nn.Linear) for m in model.modules())
+                and not any(isinstance(convs0.get(n), nn.Linear) for n in report.layers) else "")
+        raise ValueError(f"nothing to prune in this {type(model).__name__}: {_why_short(skipped, prune_residual)}{hint}")
     cost = _CostModel(before, graph.names, units)
     max_t = _max_target(units)
     base = macs0 if unit == "flops" else params0
@@ -337,7 +341,7 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
         if abs(reached - target) <= 0.01 or plan.filter_target >= max_t - 1e-6 and reached < target:
             break
         goal = predicted(plan) + (target - reached)
-    kept = {n: (report.layers[n].n_filters, convs[n].out_channels) for n in report.layers}
+    kept = {n: (report.layers[n].n_filters, width(convs[n])) for n in report.layers}
     removed = sum(b - a for b, a in kept.values())
     all_filters = sum(b for b, _ in kept.values())
     if unit == "filters":
@@ -352,11 +356,11 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
             warnings.warn(f"{unit} reduction {reached:.1%} is the closest whole filters get to {target:.0%}",
                           stacklevel=2)
     history = [[name, bool(out), [int(i) for i in idxs]] for name, out, idxs in graph.dg.pruning_history()]
-    before = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    before = {n: width(m) for n, m in layers_of(model).items()}
     work.afie_fast_plan = {
         "format": PLAN_FORMAT, "version": PLAN_VERSION, "model": type(model).__name__,
         "input_shape": list(example_inputs.shape), "input_dtype": str(example_inputs.dtype).replace("torch.", ""),
-        "layers": {n: [before[n], m.out_channels] for n, m in convs.items()},
+        "layers": {n: [before[n], width(m)] for n, m in convs.items()},
         "history": history,
         "state_dict_metadata": _state_dict_metadata(work),
     }
@@ -368,7 +372,7 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
     return work, stats
 
 
-def _check_ignored(ignored_layers, convs: dict[str, nn.Conv2d]) -> None:
+def _check_ignored(ignored_layers, convs: dict[str, Layer]) -> None:
     if ignored_layers is None:
         return
     if isinstance(ignored_layers, (str, nn.Module)) or not isinstance(ignored_layers, (list, tuple, set)):
@@ -377,7 +381,7 @@ def _check_ignored(ignored_layers, convs: dict[str, nn.Conv2d]) -> None:
     unknown = [x for x in ignored_layers if (x not in convs if isinstance(x, str) else id(x) not in modules)]
     if unknown:
         shown = [x if isinstance(x, str) else type(x).__name__ for x in unknown]
-        raise ValueError(f"ignored_layers: {shown} are not Conv2d layers of the model "
+        raise ValueError(f"ignored_layers: {shown} are not Conv2d or Linear layers of the model "
                          f"(it has: {', '.join(list(convs)[:8])}{' …' if len(convs) > 8 else ''})")
 
 
@@ -413,7 +417,7 @@ def _apply(graph: Graph, units: list[Unit], plan: _Plan, report: AFIEReport, con
 def _check_runs(model: nn.Module, example_inputs: torch.Tensor, shape: Any) -> tuple[int, int]:
     """MACs and params of the pruned copy, which must run and give outputs of the
     original's shape: a failure here is a coupling the dependency graph did not see."""
-    empty = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.out_channels < 1]
+    empty = [n for n, m in layers_of(model).items() if width(m) < 1]
     if empty:
         raise RuntimeError(f"afie_fast bug: pruning left {empty[:3]} with no filters; please report it")
     try:
@@ -462,7 +466,7 @@ class AFIEImportance(tp.importance.Importance):
             if name not in self.report.layers:
                 continue
             scores = _filter_scores(self.report, {name: conv}, name, self.criterion)
-            if scores.numel() != conv.out_channels:  # the layer was already pruned: l1 only is current
+            if scores.numel() != width(conv):  # the layer was already pruned: l1 only is current
                 scores = l1_scores(conv)
             total.index_add_(0, torch.tensor(list(item.root_idxs)), scores[list(item.idxs)])
             found = True
@@ -527,7 +531,8 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
                          "(damaged or edited after save_pruned)")
     if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT or int(plan.get("version", 0)) > PLAN_VERSION:
         raise ValueError(f"{path}: unknown or newer pruning plan format")
-    convs = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    # Plans before version 2 list only the Conv2d layers.
+    convs = {n: width(m) for n, m in layers_of(model, linear=int(plan.get("version", 1)) >= 2).items()}
     expected = {n: b for n, (b, _) in plan["layers"].items()}
     if convs != expected:
         raise ValueError(f"{path} was made for another model ({plan['model']}): its conv layers and widths "

@@ -1,4 +1,4 @@
-"""afie_fast.score: stream a loader through a model's Conv2d layers, or read their weights."""
+"""afie_fast.score: stream a loader through a model's Conv2d (and Linear) layers, or read their weights."""
 from __future__ import annotations
 
 import math
@@ -11,34 +11,37 @@ from torch import nn
 
 from . import _ext
 from .accumulator import CovarianceAccumulator
+from .layers import Layer, layers_of, width
 from .report import AFIEReport, LayerScore
 
 SOURCES = ("activations", "weights")
 ACTIVATION_CRITERIA = ("l1", "variance", "independence")
-LayerSelector = Sequence[str] | Callable[[str, nn.Conv2d], bool] | None
+LayerSelector = Sequence[str] | Callable[[str, Layer], bool] | None
 
 
-def select_convs(model: nn.Module, layers: LayerSelector = None) -> dict[str, nn.Conv2d]:
-    """The model's Conv2d modules by qualified name, narrowed by names or a predicate."""
+def select_layers(model: nn.Module, layers: LayerSelector = None, linear: bool = False) -> dict[str, Layer]:
+    """The model's Conv2d (and, with ``linear``, Linear) modules by qualified name,
+    narrowed by names or a predicate."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    if not convs:
-        raise ValueError(f"{type(model).__name__} has no nn.Conv2d layers to score")
+    found = layers_of(model, linear)
+    kinds = "Conv2d or Linear" if linear else "Conv2d"
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no nn.{kinds} layers to score")
     if layers is None:
-        return convs
+        return found
     if callable(layers):
-        chosen = {n: m for n, m in convs.items() if layers(n, m)}
+        chosen = {n: m for n, m in found.items() if layers(n, m)}
     else:
         if isinstance(layers, str):
             layers = [layers]
-        unknown = [n for n in layers if n not in convs]
+        unknown = [n for n in layers if n not in found]
         if unknown:
-            known = ", ".join(list(convs)[:12]) + (" …" if len(convs) > 12 else "")
-            raise ValueError(f"layers: {unknown} are not Conv2d layers of the model (it has: {known})")
-        chosen = {n: convs[n] for n in convs if n in set(layers)}
+            known = ", ".join(list(found)[:12]) + (" …" if len(found) > 12 else "")
+            raise ValueError(f"layers: {unknown} are not {kinds} layers of the model (it has: {known})")
+        chosen = {n: found[n] for n in found if n in set(layers)}
     if not chosen:
-        raise ValueError("layers: the selection matched no Conv2d layer")
+        raise ValueError(f"layers: the selection matched no {kinds} layer")
     return chosen
 
 
@@ -74,13 +77,14 @@ def scoring_mode(model: nn.Module) -> Iterator[None]:
             m.training = mode
 
 
-def weight_spectrum(conv: nn.Conv2d) -> torch.Tensor:
+def weight_spectrum(layer: Layer) -> torch.Tensor:
     """The paper's data-free spectrum: singular values of the kernel-averaged weight
-    (c_l, I/g, kh, kw) → (c_l, I/g)."""
-    return _ext.singular_values(conv.weight.detach().to("cpu", torch.float64).mean(dim=(2, 3)))
+    (c_l, I/g, kh, kw) → (c_l, I/g); of a Linear layer, of its weight (out, in)."""
+    w = layer.weight.detach().to("cpu", torch.float64)
+    return _ext.singular_values(w.mean(dim=(2, 3)) if w.dim() == 4 else w)
 
 
-def l1_scores(conv: nn.Conv2d) -> torch.Tensor:
+def l1_scores(conv: Layer) -> torch.Tensor:
     """L1 norm of each filter's weights."""
     # float32 sums (~1e-6 relative, enough to order filters) run 4x faster than float64
     # ones, and score() computes this for every weight of the model.
@@ -105,14 +109,18 @@ def independence_scores(cov: torch.Tensor, w: torch.Tensor, v: torch.Tensor,
     return activation_spectrum(w, eps).sum() - _ext.leave_one_out(w, v).clamp(min=0).sqrt().sum(dim=1)
 
 
-def _layer_score(name: str, conv: nn.Conv2d, spectrum: torch.Tensor, filter_scores: dict[str, torch.Tensor],
+def _layer_score(name: str, layer: Layer, spectrum: torch.Tensor, filter_scores: dict[str, torch.Tensor],
                  n_samples: int) -> LayerScore:
-    c = conv.out_channels
+    c = width(layer)
     k = _ext.spectrum_entropy(spectrum)
     return LayerScore(name=name, n_filters=c, entropy=k, afie=k / c,
                       spectrum=tuple(spectrum.sort(descending=True).values.tolist()),
                       filter_scores={key: tuple(v.tolist()) for key, v in filter_scores.items()},
                       n_samples=n_samples, shape_baseline=math.log(spectrum.numel()) / c)
+
+
+def _kind(linear: bool) -> str:
+    return "conv and linear layers" if linear else "conv layers"
 
 
 def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -138,8 +146,8 @@ def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torc
 def score(model: nn.Module, loader: Iterable | None = None, *, source: str | None = None,
           layers: LayerSelector = None, max_batches: int | None = None, device: torch.device | str | None = None,
           progress: bool = True, distributed: bool = False, input_fn: Callable[[Any], Any] | None = None,
-          criteria: Sequence[str] | None = None, precision: str = "float32") -> AFIEReport:
-    """Score every Conv2d of ``model`` with AFIE.
+          criteria: Sequence[str] | None = None, precision: str = "float32", linear: bool = False) -> AFIEReport:
+    """Score every Conv2d of ``model`` with AFIE (and every Linear, with ``linear=True``).
 
     Args:
         model: any nn.Module with Conv2d layers; never changed (eval mode while scoring,
@@ -159,24 +167,28 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
         criteria: within-layer filter scores to compute for activations, from
             ("l1", "variance", "independence"); default ("l1", "variance").
             "independence" costs one O(C³) leave-one-out solve per layer.
+        linear: also score nn.Linear layers (their output width; every leading dimension
+            of the output is an observation): the hidden widths of MLPs, as in ConvNeXt
+            blocks, become prunable. The classifier, whose outputs are the model's, is
+            scored but never pruned.
         precision: products inside a batch on the CPU: "float32" (default; for float32
             activations, ~1e-6 relative, about twice as fast) or "float64". The
             accumulated state is float64 on the CPU either way, float32 on CUDA.
 
     Returns:
-        AFIEReport with one LayerScore per selected Conv2d, in model order.
+        AFIEReport with one LayerScore per selected layer, in model order.
     """
     source = source or ("activations" if loader is not None else "weights")
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
-    convs = select_convs(model, layers)
+    convs = select_layers(model, layers, linear)
     dev = _resolve_device(model, device)  # checked before any work, for both sources
     meta = {"model": type(model).__name__, "afie_fast": _ext._C.__version__}
     if source == "weights":
         report = AFIEReport([_layer_score(n, c, weight_spectrum(c), {"l1": l1_scores(c)}, 0) for n, c in convs.items()],
                             source="weights", meta=meta)
         if progress:
-            print(f"afie_fast: scored {len(report)} conv layers from their weights")
+            print(f"afie_fast: scored {len(report)} {_kind(linear)} from their weights")
         return report
     if loader is None:
         raise ValueError("source='activations' needs a loader")
@@ -227,23 +239,25 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
     report = AFIEReport(layer_scores, source="activations", meta=meta)
     if progress:
         obs = sum(ls.n_samples for ls in report)
-        print(f"afie_fast: scored {len(report)} conv layers on {n_batches} batches "
+        print(f"afie_fast: scored {len(report)} {_kind(linear)} on {n_batches} batches "
               f"({obs:,} activation vectors) in {seconds:.2f} s")
     return report
 
 
-def stream_activations(model: nn.Module, loader: Iterable, convs: dict[str, nn.Conv2d], device: torch.device,
+def stream_activations(model: nn.Module, loader: Iterable, convs: dict[str, Layer], device: torch.device,
                        max_batches: int | None, progress: bool, input_fn,
                        compute_dtype: torch.dtype = torch.float32) -> tuple[dict[str, CovarianceAccumulator], int, float]:
     """One pass over the loader with a forward hook on each conv feeding its accumulator."""
     acc_dtype = torch.float64 if device.type == "cpu" else torch.float32
-    accs = {n: CovarianceAccumulator(c.out_channels, device=device, dtype=acc_dtype, compute_dtype=compute_dtype)
+    accs = {n: CovarianceAccumulator(width(c), device=device, dtype=acc_dtype, compute_dtype=compute_dtype)
             for n, c in convs.items()}
     batch_index = 0
 
     def hook_for(name: str):
-        def hook(_module, _inputs, output):
-            if output.dim() != 4:  # Conv2d also runs on an unbatched (C, H, W) input
+        def hook(module, _inputs, output):
+            if isinstance(module, nn.Linear):  # (..., C): every leading position is an observation
+                output = output.reshape(-1, output.shape[-1])
+            elif output.dim() != 4:  # Conv2d also runs on an unbatched (C, H, W) input
                 raise ValueError(f"layer {name!r}, batch {batch_index}: the conv gave a {output.dim()}-D output "
                                  f"{tuple(output.shape)}; a batch of images is (N, C, H, W): add the batch "
                                  f"dimension (x.unsqueeze(0)) to an unbatched input")

@@ -24,7 +24,7 @@ def zero_even_channels(model):
     the BN after it), so that those channels carry nothing through the network."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.Conv2d) and m.out_channels >= 2:
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.shape[0] >= 2:
                 m.weight[::2] = 0
                 if m.bias is not None:
                     m.bias[::2] = 0
@@ -120,12 +120,41 @@ def test_prunable_share_and_out_of_reach_names_the_cause():
         af.prune(model, report, target=0.9, unit="flops", example_inputs=X)
 
 
-def test_nothing_to_prune_says_why():
+def test_nothing_to_prune_says_why_and_points_at_linear_layers():
     torch.manual_seed(0)
     model = ConvNeXtBlock().eval()
     report = af.score(model, loader(n_batches=1), progress=False)
-    with pytest.raises(ValueError, match="nothing to prune.*(residual|output)"):
+    with pytest.raises(ValueError, match=r"nothing to prune.*residual stream.*score\(\.\.\., linear=True\)"):
         af.prune(model, report, target=0.5, example_inputs=X)
+
+
+@pytest.mark.parametrize("source", ["activations", "weights"])
+def test_linear_mlp_between_depthwise_convs_is_pruned(source):
+    torch.manual_seed(0)
+    model = ConvNeXtBlock().eval()
+    data = loader(n_batches=2) if source == "activations" else None
+    report = af.score(model, data, source=source, linear=True, progress=False)
+    assert set(report.layers) == {"stem", "dw", "fc1", "fc2", "head"}
+    assert report.layers["fc1"].n_filters == 64
+    if source == "activations":  # every (batch, row, column) position is an observation of fc1's 64 outputs
+        assert report.layers["fc1"].n_samples == 2 * 8 * 4 * 4
+    else:  # the paper's weight source for a Linear: singular values of its weight
+        s = torch.linalg.svdvals(model.fc1.weight.detach().double())
+        torch.testing.assert_close(torch.tensor(report.layers["fc1"].spectrum, dtype=torch.float64), s)
+    pruned, stats = af.prune(model, report, target=0.3, unit="flops", example_inputs=X)
+    assert stats.kept["fc1"][1] < 64 and pruned.fc1.out_features == pruned.fc2.in_features
+    assert stats.skipped["fc2"].startswith("residual") and stats.skipped["head"].endswith("output")
+    assert abs(stats.reached - 0.3) <= 0.02
+    assert pruned(X).shape == (2, 5)
+
+
+def test_linear_pruning_removes_exactly_the_chosen_channels():
+    torch.manual_seed(0)
+    model = zero_even_channels(ConvNeXtBlock().eval())
+    report = af.score(model, loader(n_batches=2), linear=True, progress=False)
+    pruned, stats = af.prune(model, report, target=0.25, example_inputs=X, allocation="uniform")
+    assert stats.kept["fc1"][1] < 64
+    torch.testing.assert_close(pruned(X), model(X), rtol=1e-5, atol=1e-5)
 
 
 class Versioned(nn.Conv2d):

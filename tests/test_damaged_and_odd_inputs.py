@@ -112,7 +112,7 @@ def test_prune_argument_types(scored):
     model, report = scored
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got function"):
         af.prune(lambda x: x, report, example_inputs=X)
-    with pytest.raises(ValueError, match=r"ignored_layers: \['nope'\] are not Conv2d layers"):
+    with pytest.raises(ValueError, match=r"ignored_layers: \[.nope.\] are not Conv2d or Linear layers"):
         af.prune(model, report, example_inputs=X, ignored_layers=["nope"])
     with pytest.raises(TypeError, match="ignored_layers must be a list"):
         af.prune(model, report, example_inputs=X, ignored_layers="0")

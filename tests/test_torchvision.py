@@ -13,9 +13,9 @@ tv = import_torchvision()
 
 FAMILIES = ["resnet18", "resnext50_32x4d", "wide_resnet50_2", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0",
             "densenet121", "squeezenet1_1", "googlenet", "inception_v3", "shufflenet_v2_x0_5", "regnet_y_400mf",
-            "mnasnet0_5", "vgg11_bn", "alexnet"]
-# Families whose width sits where prune() cannot cut, and the reason it must give.
-LIMITED = {"convnext_tiny": "residual stream"}
+            "mnasnet0_5", "vgg11_bn", "alexnet", "convnext_tiny"]
+# Families whose width sits in nn.Linear MLPs: scored with linear=True.
+LINEAR = {"convnext_tiny"}
 
 
 def make(name):
@@ -33,7 +33,7 @@ def inputs(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_prunes_exports_and_reloads(name, tmp_path):
     model, x = make(name), inputs(name)
-    report = af.score(model, [x], progress=False)
+    report = af.score(model, [x], progress=False, linear=name in LINEAR)
     y = model(x)
     for unit, target in (("flops", 0.5), ("filters", 0.3)):
         with warnings.catch_warnings():
@@ -51,11 +51,11 @@ def test_family_prunes_exports_and_reloads(name, tmp_path):
     assert torch.equal(loaded.eval()(x), pruned(x))
 
 
-@pytest.mark.parametrize("name", list(LIMITED))
-def test_family_that_cannot_be_pruned_says_why(name):
+@pytest.mark.parametrize("name", sorted(LINEAR))
+def test_linear_width_family_scored_without_linear_says_why(name):
     model, x = make(name), inputs(name)
     report = af.score(model, [x], progress=False)
-    with pytest.raises(ValueError, match=f"nothing to prune.*{LIMITED[name]}"):
+    with pytest.raises(ValueError, match=r"nothing to prune.*residual stream.*linear=True"):
         af.prune(model, report, target=0.5, unit="flops", example_inputs=x[:1])
 
 
