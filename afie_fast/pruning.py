@@ -17,7 +17,7 @@ from torch import nn
 from .calibration import recalibrate_bn
 from .layers import Layer, layers_of, width
 from .coupling import Graph, Unit, build_graph, find_units, is_out_conv
-from .report import MAX_RATIO, AFIEReport, allocate_ratios, round_counts
+from .report import MAX_RATIO, AFIEReport, allocate_ratios, round_counts, text_table
 from .scoring import l1_scores, scoring_mode
 
 CRITERIA = ("l1", "variance", "independence", "random")
@@ -46,11 +46,8 @@ class PruneStats:
     prunable_params: float = 1.0  # ... and of its params
 
     def summary(self) -> str:
-        head = ("layer", "before", "after", "removed")
         rows = [(n, str(b), str(a), f"{1 - a / b:.0%}") for n, (b, a) in self.kept.items()]
-        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
-        fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows), "",
+        lines = [text_table(("layer", "before", "after", "removed"), rows), "",
                  f"params {self.params_before:,} → {self.params_after:,} "
                  f"(−{1 - self.params_after / self.params_before:.1%}); "
                  f"MACs {self.macs_before:,} → {self.macs_after:,} (−{1 - self.macs_after / self.macs_before:.1%}); "

@@ -96,10 +96,7 @@ class AFIEReport:
         head = ("layer", "filters", "samples", "K", "AFIE", "ln(p)/c", f"ratio@{target:.0%}")
         rows = [(ls.name, str(ls.n_filters), f"{ls.n_samples:,}", f"{ls.entropy:.4f}", f"{ls.afie:.5f}",
                  f"{ls.shape_baseline:.5f}", f"{ratios[ls.name]:.3f}" if ratios else "-") for ls in self]
-        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-        fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-        lines = [f"AFIE report ({self.source}, {len(self)} layers)", fmt(head), fmt(["-" * w for w in widths])]
-        return "\n".join(lines + [fmt(r) for r in rows])
+        return f"AFIE report ({self.source}, {len(self)} layers)\n" + text_table(head, rows)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "source": self.source, "meta": self.meta,
@@ -183,6 +180,13 @@ class AFIEReport:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
         return path
+
+
+def text_table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """A plain-text table: the first column left-aligned, the others right-aligned."""
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)])
 
 
 def _digest(data: dict[str, Any]) -> str:

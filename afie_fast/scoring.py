@@ -267,14 +267,12 @@ def stream_activations(model: nn.Module, loader: Iterable, convs: dict[str, Laye
                 raise ValueError(f"layer {name!r}, batch {batch_index}: {exc}") from None
         return hook
 
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        tqdm = None
+    from tqdm.auto import tqdm
+
     total = len(loader) if hasattr(loader, "__len__") else None
     if total is not None and max_batches is not None:
         total = min(total, max_batches)
-    bar = tqdm(total=total, desc="afie_fast score", unit="batch", disable=not progress or tqdm is None) if tqdm else None
+    bar = tqdm(total=total, desc="afie_fast score", unit="batch", disable=not progress)
 
     handles = [conv.register_forward_hook(hook_for(name)) for name, conv in convs.items()]
     start = time.perf_counter()
@@ -286,13 +284,11 @@ def stream_activations(model: nn.Module, loader: Iterable, convs: dict[str, Laye
                 x = model_input(batch, input_fn).to(device, non_blocking=True)
                 model(x)
                 batch_index += 1
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
     finally:
         for h in handles:
             h.remove()
-        if bar is not None:
-            bar.close()
+        bar.close()
     if batch_index == 0:
         raise ValueError("the loader yielded no batches")
     for name, acc in accs.items():

@@ -1,7 +1,9 @@
 """The core's two kernels against the torch code a user would otherwise write.
 
 1. Accumulate: the co-moment of one batch of conv outputs (N, C, H, W) float32 into a
-   float64 state. afie_fast: one SYRK (symmetric half) straight from the strided batch.
+   float64 state. afie_fast: its AVX2/FMA co-moment kernel (NCHW float32 products under
+   1024 channels, csrc/gram.cpp) or one OpenBLAS SYRK (symmetric half) straight from the
+   strided batch (channels_last, float64 products, wider layers, CPUs without AVX2).
    torch: permute to (C, N·H·W), centre, float32 x @ x.T, float64 Chan merge.
 2. Eigensolve: the C×C covariance of each VGG-16 layer, afie_fast (LAPACK dsyevd) vs
    torch.linalg.eigvalsh, float64.

@@ -50,9 +50,11 @@ def test_counts_follow_the_report_and_lowest_filters_go():
             scores = (conv.weight.detach().double().abs().sum((1, 2, 3)) if criterion == "l1"
                       else torch.tensor(ls.filter_scores["variance"]))
             keep = sorted(sorted(range(ls.n_filters), key=lambda j: (scores[j].item(), j))[counts[name]:])
-            if name == "0":  # the first conv keeps its input channels: rows are comparable
+            # Which filters survived, in every layer: their biases are distinct random values
+            # (weights lose input channels after the first layer, biases do not).
+            torch.testing.assert_close(new.bias, conv.bias[keep])
+            if name == "0":  # the first conv keeps its input channels: whole rows are comparable
                 torch.testing.assert_close(new.weight, conv.weight[keep])
-            torch.testing.assert_close(new.weight.sum((1, 2, 3)).shape[0], len(keep))
 
 
 def test_random_criterion_is_seeded():
