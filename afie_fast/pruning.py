@@ -324,6 +324,7 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
         plan = _plan(units, report, target, allocation, cost)
     else:
         plan = search(target)
+    goal = target  # what the cost model is asked for; re-aimed by its measured miss
     for attempt in range(4):
         if attempt:  # the cost model missed by more than 1%: aim off by the miss, on a fresh copy
             work = copy.deepcopy(model)

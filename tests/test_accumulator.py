@@ -4,16 +4,7 @@ import pytest
 import torch
 
 import afie_fast as af
-
-
-def reference_cov(batches):
-    """Plain float64 reference: every (n, h, w) position is an observation of C channels."""
-    x = np.concatenate([b.double().permute(0, 2, 3, 1).reshape(-1, b.shape[1]).numpy() for b in batches])
-    return x.mean(axis=0), np.cov(x, rowvar=False)
-
-
-def rel_err(a, b):
-    return float(np.abs(np.asarray(a) - np.asarray(b)).max() / np.abs(np.asarray(b)).max())
+import reference
 
 
 def random_splits(n, gen, parts=4):
@@ -26,10 +17,10 @@ def check_stream_matches_np_cov(acc, y, gen, cov_tol, parts=4):
     chunks = torch.split(y, random_splits(y.shape[0], gen, parts))
     for p in chunks:
         acc.update(p)
-    mean, cov = reference_cov(chunks)
+    mean, cov = reference.covariance(chunks)
     assert acc.count == y.shape[0] * y.shape[2] * y.shape[3]
-    assert rel_err(acc.covariance().numpy(), cov) <= cov_tol
-    assert rel_err(acc.mean.numpy(), mean) <= 1e-8
+    assert reference.rel_err(acc.covariance().numpy(), cov) <= cov_tol
+    assert reference.rel_err(acc.mean.numpy(), mean) <= 1e-8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
@@ -52,8 +43,8 @@ def test_large_means_unit_variance(gen):
     acc = af.CovarianceAccumulator(16)
     for p in torch.split(y, random_splits(64, gen, parts=7)):
         acc.update(p)
-    _, cov = reference_cov([y])
-    assert rel_err(acc.covariance().numpy(), cov) <= 1e-8
+    _, cov = reference.covariance([y])
+    assert reference.rel_err(acc.covariance().numpy(), cov) <= 1e-8
 
 
 def test_one_batch_equals_many(gen):
@@ -62,8 +53,8 @@ def test_one_batch_equals_many(gen):
     many = af.CovarianceAccumulator(12)
     for i in range(64):
         many.update(y[i : i + 1])
-    assert rel_err(many.covariance().numpy(), one.covariance().numpy()) <= 1e-10
-    assert rel_err(many.mean.numpy(), one.mean.numpy()) <= 1e-10
+    assert reference.rel_err(many.covariance().numpy(), one.covariance().numpy()) <= 1e-10
+    assert reference.rel_err(many.mean.numpy(), one.mean.numpy()) <= 1e-10
 
 
 @pytest.mark.parametrize("shape", [(50, 8), (20, 8, 11)])
@@ -71,7 +62,7 @@ def test_2d_and_3d_batches(gen, shape):
     y = torch.randn(*shape, generator=gen)
     acc = af.CovarianceAccumulator(8).update(y)
     y4 = y.reshape(*shape, *([1] * (4 - len(shape))))
-    assert rel_err(acc.covariance().numpy(), reference_cov([y4])[1]) <= 1e-10
+    assert reference.rel_err(acc.covariance().numpy(), reference.covariance([y4])[1]) <= 1e-10
 
 
 def test_merge_equals_single_stream(gen):
@@ -80,19 +71,19 @@ def test_merge_equals_single_stream(gen):
     a.update(y[:13])
     b.update(y[13:30]).update(y[30:])
     a.merge(b)
-    _, cov = reference_cov([y])
+    _, cov = reference.covariance([y])
     assert a.count == 40 * 16
-    assert rel_err(a.covariance().numpy(), cov) <= 1e-10
+    assert reference.rel_err(a.covariance().numpy(), cov) <= 1e-10
     empty = af.CovarianceAccumulator(10)
     empty.merge(a)
-    assert rel_err(empty.covariance().numpy(), cov) <= 1e-12
+    assert reference.rel_err(empty.covariance().numpy(), cov) <= 1e-12
 
 
 def test_float32_state(gen):
     y = torch.randn(30, 6, 8, 8, generator=gen)
     acc = af.CovarianceAccumulator(6, dtype=torch.float32).update(y)
     assert acc.covariance().dtype == torch.float32
-    assert rel_err(acc.covariance().numpy(), reference_cov([y])[1]) <= 1e-5
+    assert reference.rel_err(acc.covariance().numpy(), reference.covariance([y])[1]) <= 1e-5
 
 
 def test_state_dict_round_trip(gen):
@@ -103,7 +94,7 @@ def test_state_dict_round_trip(gen):
     assert clone.count == acc.count
     assert torch.equal(clone.covariance(), acc.covariance())
     clone.update(y)  # keeps streaming from the loaded state
-    assert rel_err(clone.covariance().numpy(), reference_cov([y, y])[1]) <= 1e-10
+    assert reference.rel_err(clone.covariance().numpy(), reference.covariance([y, y])[1]) <= 1e-10
 
 
 def test_numpy_arrays_reach_the_core(np_rng):
@@ -140,11 +131,11 @@ def test_wide_layers_match_np_cov(gen, channels, layout, compute_dtype, threads)
     parts = [y[:2], y[2:]]
     for p in parts:
         acc.update(p)
-    mean, cov = reference_cov(parts)
+    mean, cov = reference.covariance(parts)
     tol = 1e-8 if compute_dtype == torch.float64 else 1e-5
     assert acc.count == 3 * 1600
-    assert rel_err(acc.covariance().numpy(), cov) <= tol
-    assert rel_err(acc.mean.numpy(), mean) <= 1e-8
+    assert reference.rel_err(acc.covariance().numpy(), cov) <= tol
+    assert reference.rel_err(acc.mean.numpy(), mean) <= 1e-8
     assert torch.equal(acc.comoment, acc.comoment.T)  # both triangles written
 
 

@@ -8,15 +8,7 @@ from torch import nn
 
 import afie_fast as af
 from nets import ARCHS, loader, randomised
-
-
-def ref_afie(s, c):
-    s = np.asarray(s, dtype=np.float64)
-    span = s.max() - s.min()
-    t = np.zeros_like(s) if span <= 1e-12 * max(s.max(), 1e-30) else (s - s.min()) / span
-    q = np.exp(t) / np.exp(t).sum()
-    k = -(q * np.log(q)).sum()
-    return k, k / c
+import reference
 
 
 def ref_activation_scores(model, batches):
@@ -40,7 +32,7 @@ def ref_activation_scores(model, batches):
         # eigenvalues under the rounding floor C·eps·max are zero (numpy's matrix_rank
         # tolerance, eps of the float32 products score() uses by default)
         s = np.sqrt(np.where(e > len(e) * np.finfo(np.float32).eps * e.max(), e, 0.0))
-        ref[name] = (*ref_afie(s, x.shape[1]), s, np.diag(cov), x.shape[0])
+        ref[name] = (*reference.afie(s, x.shape[1]), s, np.diag(cov), x.shape[0])
     return ref
 
 
@@ -50,7 +42,7 @@ def ref_weight_scores(model):
         if isinstance(m, nn.Conv2d):
             w = m.weight.detach().double().mean(dim=(2, 3)).numpy()
             s = np.linalg.svd(w, compute_uv=False)
-            ref[name] = (*ref_afie(s, m.out_channels), s)
+            ref[name] = (*reference.afie(s, m.out_channels), s)
     return ref
 
 
