@@ -57,15 +57,24 @@ class CovarianceAccumulator:
     def dtype(self) -> torch.dtype:
         return self._mean.dtype
 
-    def _check(self) -> None:
-        # On CUDA a NaN/Inf batch is skipped on the device (no per-batch sync); say so here.
+    @property
+    def product_dtype(self) -> torch.dtype:
+        """The precision float32-or-narrower batches are multiplied in: float32 with
+        ``compute_dtype=torch.float32`` or a float32 state (CUDA), else float64. Its
+        rounding is the noise floor of the covariance's eigenvalues."""
+        return torch.float32 if self._float_products or self.dtype == torch.float32 else torch.float64
+
+    def check(self) -> None:
+        """Raise ValueError if batches were skipped for NaN/Inf. On CUDA a bad batch is
+        skipped on the device (no per-batch synchronisation) and reported here, at the
+        next read of the state; on the CPU update() raises at once."""
         if self._rejected is not None and int(self._rejected.item()) > 0:
             raise ValueError(f"{int(self._rejected.item())} batch(es) contained NaN or Inf values and were skipped")
 
     @property
     def count(self) -> int:
         """Observations seen so far (N·H·W summed over batches)."""
-        self._check()
+        self.check()
         return int(self._n.item())
 
     @property
@@ -114,7 +123,7 @@ class CovarianceAccumulator:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The state (n, mean, m2) as tensors; what :meth:`load_state_dict` takes."""
-        self._check()
+        self.check()
         return {"n": self._n.clone(), "mean": self._mean.clone(), "m2": self._m2.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -128,6 +137,25 @@ class CovarianceAccumulator:
         self._n.copy_(state["n"])
         self._mean.copy_(state["mean"])
         self._m2.copy_(state["m2"])
+
+    def all_reduce(self) -> "CovarianceAccumulator":
+        """Merge every torch.distributed rank's state into this one, on all ranks, in rank
+        order (so that all ranks agree bit for bit)."""
+        dist = torch.distributed
+        state = self.state_dict()
+        gathered = []
+        for key in ("n", "mean", "m2"):
+            t = state[key].to(torch.float64)
+            parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+            dist.all_gather(parts, t)
+            gathered.append(parts)
+        merged = CovarianceAccumulator(self.channels, device=self.device, dtype=self.dtype)
+        for n, mean, m2 in zip(*gathered):
+            part = CovarianceAccumulator(self.channels, device=self.device, dtype=self.dtype)
+            part.load_state_dict({"n": n, "mean": mean.to(self.dtype), "m2": m2.to(self.dtype)})
+            merged.merge(part)
+        self.load_state_dict(merged.state_dict())
+        return self
 
     def __repr__(self) -> str:
         return (f"CovarianceAccumulator(channels={self.channels}, count={self.count}, "

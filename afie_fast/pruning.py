@@ -278,109 +278,135 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
     if not isinstance(example_inputs, torch.Tensor):
         raise TypeError("example_inputs must be a tensor batch the model accepts, e.g. torch.randn(1, 3, 32, 32)")
     convs0 = _check_report(model, report)
-    _check_ignored(ignored_layers, convs0)
+    ignored = _ignored_names(ignored_layers, convs0)
     if criterion in ("variance", "independence"):
         _filter_scores(report, {}, next(iter(report.layers)), criterion)  # a clear error before any work
     example_inputs = example_inputs.detach()
     before = _measure(model, example_inputs)
     _check_not_shared({n: k for n, k in before.calls.items() if n in report.layers or isinstance(convs0[n], nn.Conv2d)})
-    macs0, params0 = before.macs, before.params
 
-    def units_of(copy_: nn.Module):
-        convs = layers_of(copy_)
-        ignored = [convs[x] if isinstance(x, str) else x for x in (ignored_layers or [])]
-        with scoring_mode(copy_):  # eval while tracing: BN statistics must not move
-            graph = build_graph(copy_, example_inputs)
-        units, skipped = find_units(graph, report.layers, prune_residual, ignored)
-        return convs, graph, units, skipped
-
-    work = copy.deepcopy(model)
-    convs, graph, units, skipped = units_of(work)
-    if not units:
-        hint = ("; its nn.Linear layers may hold the width: score(..., linear=True)"
-                if any(isinstance(m, nn.Linear) for m in model.modules())
-                and not any(isinstance(convs0.get(n), nn.Linear) for n in report.layers) else "")
-        raise ValueError(f"nothing to prune in this {type(model).__name__}: {_why_short(skipped, prune_residual)}{hint}")
-    cost = _CostModel(before, graph.names, units)
-    max_t = _max_target(units)
-    base = macs0 if unit == "flops" else params0
-    predicted = lambda p: 1 - (p.macs if unit == "flops" else p.params) / base
-
-    def search(goal: float) -> _Plan:
-        # The predicted reduction grows with the filter fraction: bisect on that fraction.
-        lo, hi = 0.0, max_t
-        best = _plan(units, report, hi, allocation, cost)
-        if predicted(best) < goal:
-            return best
-        for _ in range(40):
-            mid = (lo + hi) / 2
-            p = _plan(units, report, mid, allocation, cost)
-            if abs(predicted(p) - goal) < abs(predicted(best) - goal):
-                best = p
-            lo, hi = (mid, hi) if predicted(p) < goal else (lo, mid)
-        return best
-
-    if unit == "filters":
-        plan = _plan(units, report, target, allocation, cost)
-    else:
-        plan = search(target)
-    goal = target  # what the cost model is asked for; re-aimed by its measured miss
-    for attempt in range(4):
-        if attempt:  # the cost model missed by more than 1%: aim off by the miss, on a fresh copy
-            work = copy.deepcopy(model)
-            convs, graph, units, skipped = units_of(work)
-            cost = _CostModel(before, graph.names, units)
-            plan = search(min(max(goal, 0.0), 1.0))
-        _apply(graph, units, plan, report, convs, criterion, seed)
-        macs, params = _check_runs(work, example_inputs, before.shape)
-        if unit == "filters":
-            break
-        reached = 1 - (macs if unit == "flops" else params) / base
-        if abs(reached - target) <= 0.01 or plan.filter_target >= max_t - 1e-6 and reached < target:
-            break
-        goal = predicted(plan) + (target - reached)
-    kept = {n: (report.layers[n].n_filters, width(convs[n])) for n in report.layers}
-    removed = sum(b - a for b, a in kept.values())
-    all_filters = sum(b for b, _ in kept.values())
+    run = _Run(model, report, example_inputs, before, ignored, prune_residual, allocation, unit)
+    plan = run.plan(target)
+    work = run.apply(plan, criterion, seed)
+    if unit != "filters":
+        for _ in range(3):  # the cost model missed by more than 1%: aim off by the miss, on a fresh copy
+            if abs(run.reached - target) <= 0.01 or plan.filter_target >= run.max_target - 1e-6 and run.reached < target:
+                break
+            plan = run.plan(min(max(run.predicted(plan) + target - run.reached, 0.0), 1.0), fresh=True)
+            work = run.apply(plan, criterion, seed)
+    kept = {n: (report.layers[n].n_filters, width(run.layers[n])) for n in report.layers}
     if unit == "filters":
         reached = plan.filters_removed
     else:
-        reached = 1 - (macs if unit == "flops" else params) / base
+        reached = run.reached
         if reached < target - 0.01:
+            removed, total = sum(b - a for b, a in kept.values()), sum(b for b, _ in kept.values())
             raise ValueError(f"a {unit} reduction of {target:.0%} is out of reach for this {type(model).__name__}: "
-                             f"the most is {reached:.1%} ({removed} of {all_filters} filters removed, "
-                             f"{len(units)} prunable units); {_why_short(skipped, prune_residual)}")
+                             f"the most is {reached:.1%} ({removed} of {total} filters removed, "
+                             f"{len(run.units)} prunable units); {_why_short(run.skipped, prune_residual)}")
         if abs(reached - target) > 0.01:  # whole filters are too coarse in a small model
             warnings.warn(f"{unit} reduction {reached:.1%} is the closest whole filters get to {target:.0%}",
                           stacklevel=2)
-    history = [[name, bool(out), [int(i) for i in idxs]] for name, out, idxs in graph.dg.pruning_history()]
-    before = {n: width(m) for n, m in layers_of(model).items()}
-    work.afie_fast_plan = {
-        "format": PLAN_FORMAT, "version": PLAN_VERSION, "model": type(model).__name__,
-        "input_shape": list(example_inputs.shape), "input_dtype": str(example_inputs.dtype).replace("torch.", ""),
-        "layers": {n: [before[n], width(m)] for n, m in convs.items()},
-        "history": history,
-        "state_dict_metadata": _state_dict_metadata(work),
-    }
+    work.afie_fast_plan = run.saved_plan()
     if calibrate is not None:
         recalibrate_bn(work, calibrate)
-    share_macs, share_params = _prunable_share(cost, units)
-    stats = PruneStats(params0, params, macs0, macs, kept, unit, target, reached, plan.filter_target,
-                       criterion, skipped, share_macs, share_params)
+    share_macs, share_params = _prunable_share(run.cost, run.units)
+    stats = PruneStats(before.params, run.params, before.macs, run.macs, kept, unit, target, reached,
+                       plan.filter_target, criterion, run.skipped, share_macs, share_params)
     return work, stats
 
 
-def _check_ignored(ignored_layers, convs: dict[str, Layer]) -> None:
+class _Run:
+    """One prune() call's state: a deep copy of the model, its traced graph and units, the
+    cost model, and after :meth:`apply` the measured result."""
+
+    def __init__(self, model: nn.Module, report: AFIEReport, example_inputs: torch.Tensor, before: _Measured,
+                 ignored: list[str], prune_residual: bool, allocation: str, unit: str) -> None:
+        self.model, self.report, self.x, self.before = model, report, example_inputs, before
+        self.ignored, self.prune_residual, self.allocation, self.unit = ignored, prune_residual, allocation, unit
+        self.macs = self.params = 0
+        self._trace()
+        if not self.units:
+            linear_unscored = (any(isinstance(m, nn.Linear) for m in model.modules())
+                               and not any(isinstance(self.layers.get(n), nn.Linear) for n in report.layers))
+            hint = "; its nn.Linear layers may hold the width: score(..., linear=True)" if linear_unscored else ""
+            raise ValueError(f"nothing to prune in this {type(model).__name__}: "
+                             f"{_why_short(self.skipped, prune_residual)}{hint}")
+        self.max_target = _max_target(self.units)
+
+    def _trace(self) -> None:
+        self.work = copy.deepcopy(self.model)
+        self.layers = layers_of(self.work)
+        with scoring_mode(self.work):  # eval while tracing: BN statistics must not move
+            self.graph = build_graph(self.work, self.x)
+        self.units, self.skipped = find_units(self.graph, self.report.layers, self.prune_residual,
+                                              [self.layers[n] for n in self.ignored])
+        self.cost = _CostModel(self.before, self.graph.names, self.units)
+
+    def predicted(self, plan: _Plan) -> float:
+        base = self.before.macs if self.unit == "flops" else self.before.params
+        return 1 - (plan.macs if self.unit == "flops" else plan.params) / base
+
+    @property
+    def reached(self) -> float:
+        """The measured reduction of the last :meth:`apply`, in the unit asked for."""
+        if self.unit == "flops":
+            return 1 - self.macs / self.before.macs
+        return 1 - self.params / self.before.params
+
+    def plan(self, goal: float, fresh: bool = False) -> _Plan:
+        """Whole filters per unit: for "filters" the allocation at ``goal``; for FLOPs or
+        params the filter fraction whose predicted reduction is closest to ``goal``
+        (bisection: the prediction grows with the fraction)."""
+        if fresh:
+            self._trace()
+        make = lambda t: _plan(self.units, self.report, t, self.allocation, self.cost)
+        if self.unit == "filters":
+            return make(goal)
+        lo, hi = 0.0, self.max_target
+        best = make(hi)
+        if self.predicted(best) < goal:
+            return best
+        for _ in range(40):
+            mid = (lo + hi) / 2
+            p = make(mid)
+            if abs(self.predicted(p) - goal) < abs(self.predicted(best) - goal):
+                best = p
+            lo, hi = (mid, hi) if self.predicted(p) < goal else (lo, mid)
+        return best
+
+    def apply(self, plan: _Plan, criterion: str, seed: int) -> nn.Module:
+        """Cut the copy as planned, check it runs with the original's output shape, measure it."""
+        _apply(self.graph, self.units, plan, self.report, self.layers, criterion, seed)
+        self.macs, self.params = _check_runs(self.work, self.x, self.before.shape)
+        return self.work
+
+    def saved_plan(self) -> dict[str, Any]:
+        """What save_pruned stores: the history that load_pruned replays, and the widths."""
+        widths = {n: width(m) for n, m in layers_of(self.model).items()}
+        return {
+            "format": PLAN_FORMAT, "version": PLAN_VERSION, "model": type(self.model).__name__,
+            "input_shape": list(self.x.shape), "input_dtype": str(self.x.dtype).replace("torch.", ""),
+            "layers": {n: [widths[n], width(m)] for n, m in self.layers.items()},
+            "history": [[name, bool(out), [int(i) for i in idxs]]
+                        for name, out, idxs in self.graph.dg.pruning_history()],
+            "state_dict_metadata": _state_dict_metadata(self.work),
+        }
+
+
+def _ignored_names(ignored_layers, convs: dict[str, Layer]) -> list[str]:
+    """ignored_layers as names: the modules given are the caller's, prune works on a copy."""
     if ignored_layers is None:
-        return
+        return []
     if isinstance(ignored_layers, (str, nn.Module)) or not isinstance(ignored_layers, (list, tuple, set)):
         raise TypeError(f"ignored_layers must be a list of conv names or modules, got {type(ignored_layers).__name__}")
-    modules = set(map(id, convs.values()))
-    unknown = [x for x in ignored_layers if (x not in convs if isinstance(x, str) else id(x) not in modules)]
+    name_of = {id(m): n for n, m in convs.items()}
+    unknown = [x for x in ignored_layers if (x not in convs if isinstance(x, str) else id(x) not in name_of)]
     if unknown:
         shown = [x if isinstance(x, str) else type(x).__name__ for x in unknown]
         raise ValueError(f"ignored_layers: {shown} are not Conv2d or Linear layers of the model "
                          f"(it has: {', '.join(list(convs)[:8])}{' …' if len(convs) > 8 else ''})")
+    return [x if isinstance(x, str) else name_of[id(x)] for x in ignored_layers]
 
 
 def _shapes(out: Any) -> Any:

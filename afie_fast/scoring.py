@@ -190,6 +190,24 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
         if progress:
             print(f"afie_fast: scored {len(report)} {_kind(linear)} from their weights")
         return report
+    criteria = _check_activation_args(loader, criteria, precision, max_batches, distributed)
+
+    accs, n_batches, seconds = stream_activations(model, loader, convs, dev, max_batches, progress, input_fn,
+                                                  getattr(torch, precision))
+    if distributed:
+        for acc in accs.values():
+            acc.all_reduce()
+    layer_scores = _activation_scores(convs, accs, criteria)
+    meta.update(batches=n_batches, seconds=round(seconds, 3))
+    report = AFIEReport(layer_scores, source="activations", meta=meta)
+    if progress:
+        obs = sum(ls.n_samples for ls in report)
+        print(f"afie_fast: scored {len(report)} {_kind(linear)} on {n_batches} batches "
+              f"({obs:,} activation vectors) in {seconds:.2f} s")
+    return report
+
+
+def _check_activation_args(loader, criteria, precision, max_batches, distributed) -> tuple[str, ...]:
     if loader is None:
         raise ValueError("source='activations' needs a loader")
     criteria = tuple(criteria or ("l1", "variance"))
@@ -202,15 +220,12 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
         raise ValueError(f"max_batches must be a positive int, got {max_batches!r}")
     if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise RuntimeError("distributed=True needs torch.distributed to be initialised first")
+    return criteria
 
-    accs, n_batches, seconds = stream_activations(model, loader, convs, dev, max_batches, progress, input_fn,
-                                                  getattr(torch, precision))
-    if distributed:
-        for acc in accs.values():
-            all_reduce_accumulator(acc)
 
-    eps = torch.finfo(getattr(torch, precision) if dev.type == "cpu" else torch.float32).eps
-    need_vectors = "independence" in criteria
+def _activation_scores(convs: dict[str, Layer], accs: dict[str, CovarianceAccumulator],
+                       criteria: tuple[str, ...]) -> list[LayerScore]:
+    """Covariances → spectra (one batched eigensolve) → AFIE and per-filter scores."""
     covs = {}
     for name, acc in accs.items():
         try:
@@ -220,28 +235,25 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
     # Eigenvalues in float32 arithmetic when the products were float32: they carry that
     # rounding already, and wide layers solve twice as fast. "independence" needs accurate
     # eigenvectors: a float64 solve of its own, so that AFIE never depends on criteria.
-    single = eps == torch.finfo(torch.float32).eps
+    product = {name: acc.product_dtype for name, acc in accs.items()}
+    eps = {name: torch.finfo(dtype).eps for name, dtype in product.items()}
+    single = all(dtype == torch.float32 for dtype in product.values())
     mats = list(covs.values())
     eigenvalues = dict(zip(covs, (w for w, _ in _ext.eigh_many(mats, single=single))))
-    pairs = dict(zip(covs, _ext.eigh_many(mats, vectors=True))) if need_vectors else {}
+    pairs = dict(zip(covs, _ext.eigh_many(mats, vectors=True))) if "independence" in criteria else {}
     layer_scores = []
     for name, conv in convs.items():
-        acc, cov = accs[name], covs[name]
+        cov = covs[name]
         scores: dict[str, torch.Tensor] = {}
         if "l1" in criteria:
             scores["l1"] = l1_scores(conv)
         if "variance" in criteria:
             scores["variance"] = cov.diagonal().clone()
-        if need_vectors:
-            scores["independence"] = independence_scores(cov, *pairs[name], eps)
-        layer_scores.append(_layer_score(name, conv, activation_spectrum(eigenvalues[name], eps), scores, acc.count))
-    meta.update(batches=n_batches, seconds=round(seconds, 3))
-    report = AFIEReport(layer_scores, source="activations", meta=meta)
-    if progress:
-        obs = sum(ls.n_samples for ls in report)
-        print(f"afie_fast: scored {len(report)} {_kind(linear)} on {n_batches} batches "
-              f"({obs:,} activation vectors) in {seconds:.2f} s")
-    return report
+        if name in pairs:
+            scores["independence"] = independence_scores(cov, *pairs[name], eps[name])
+        spectrum = activation_spectrum(eigenvalues[name], eps[name])
+        layer_scores.append(_layer_score(name, conv, spectrum, scores, accs[name].count))
+    return layer_scores
 
 
 def stream_activations(model: nn.Module, loader: Iterable, convs: dict[str, Layer], device: torch.device,
@@ -293,25 +305,7 @@ def stream_activations(model: nn.Module, loader: Iterable, convs: dict[str, Laye
         raise ValueError("the loader yielded no batches")
     for name, acc in accs.items():
         try:
-            acc.count  # on CUDA, surfaces NaN/Inf batches the device skipped
+            acc.check()  # on CUDA, the NaN/Inf batches the device skipped
         except ValueError as exc:
             raise ValueError(f"layer {name!r}: {exc}") from None
     return accs, batch_index, time.perf_counter() - start
-
-
-def all_reduce_accumulator(acc: CovarianceAccumulator) -> None:
-    """Merge every rank's state into ``acc`` on all ranks, in rank order (so all agree)."""
-    dist = torch.distributed
-    state = acc.state_dict()
-    gathered = []
-    for key in ("n", "mean", "m2"):
-        t = state[key].to(torch.float64)
-        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, t)
-        gathered.append(parts)
-    merged = CovarianceAccumulator(acc.channels, device=acc.device, dtype=acc.dtype)
-    for n, mean, m2 in zip(*gathered):
-        part = CovarianceAccumulator(acc.channels, device=acc.device, dtype=acc.dtype)
-        part.load_state_dict({"n": n, "mean": mean.to(acc.dtype), "m2": m2.to(acc.dtype)})
-        merged.merge(part)
-    acc.load_state_dict(merged.state_dict())

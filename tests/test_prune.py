@@ -193,3 +193,12 @@ def test_bad_inputs():
         af.prune(model, report, unit="bytes", example_inputs=X)
     with pytest.raises(TypeError, match="example_inputs"):
         af.prune(model, report)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("how", ["name", "module"])
+def test_ignored_layers_stay_whole_by_name_or_module(how):
+    model, report = scored("vgg")
+    ignored = ["3"] if how == "name" else [model[3]]  # the caller's module: prune works on a copy
+    pruned, stats = af.prune(model, report, target=0.4, example_inputs=X, ignored_layers=ignored)
+    assert stats.kept["3"] == (12, 12) and stats.skipped["3"].startswith("ignored_layers")
+    assert stats.kept["0"][1] < 8
