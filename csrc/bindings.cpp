@@ -50,9 +50,10 @@ class Buffer {
     device_id = t.device.device_id;
     shape.assign(t.shape, t.shape + t.ndim);
     strides.resize(t.ndim);
-    for (int i = t.ndim - 1, s = 1; i >= 0; --i) {
+    int64_t s = 1;  // default (row-major) strides, in 64 bits: tensors pass 2^31 elements
+    for (int i = t.ndim - 1; i >= 0; --i) {
       strides[i] = t.strides ? t.strides[i] : s;
-      s *= int(t.shape[i]);
+      s *= t.shape[i];
     }
     code = t.dtype.code, bits = t.dtype.bits, lanes = t.dtype.lanes;
   }

@@ -14,7 +14,7 @@ namespace afie {
 // Rejects a batch with any non-finite value (BadInput) before touching the state.
 // float_products: multiply in float32 for inputs of float32 or narrower (per-chunk
 // centring keeps the error near the inputs' own rounding; chunks still add up in Acc).
-// threads: OpenBLAS threads to use (the caller's torch thread count).
+// threads: the core's own workers (parallel.h; BLAS itself runs single-threaded inside each).
 template <class Acc>
 void comoments_update_cpu(const Batch4& y,
                           double* n,    // [1]
