@@ -15,10 +15,11 @@ from .training import accuracy, latency_ms, train
 
 
 def run_demo(out: Path, epochs: int = 30, finetune_epochs: int = 10, target: float = 0.5, seed: int = 0,
-             progress: bool = True, distill: bool = True) -> dict:
+             progress: bool = True, distill: bool = False) -> dict:
     """Train digits_cnn, score it (both sources), prune ``target`` of its filters the
-    paper's way, recalibrate BatchNorm, fine-tune (distilling from the unpruned model when
-    ``distill``), print one table and write report, pruned model and plot."""
+    paper's way, recalibrate BatchNorm, fine-tune (cross-entropy, the better recipe in
+    benchmarks/recovery.py; distilling from the unpruned model with ``distill``), print one
+    table and write report, pruned model and plot."""
     torch.manual_seed(seed)
     split = load_digits(seed=seed)
     say = print if progress else (lambda *a, **k: None)

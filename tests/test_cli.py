@@ -19,7 +19,7 @@ def run(args, cwd):
 def test_demo_end_to_end(tmp_path):
     out = run(["demo", "--out", "demo", "--epochs", "3", "--finetune-epochs", "1", "--quiet"], tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "+ BatchNorm recalibrated" in out.stdout and "+ fine-tuned 1 ep (distilled)" in out.stdout
+    assert "+ BatchNorm recalibrated" in out.stdout and "+ fine-tuned 1 ep (cross-entropy)" in out.stdout
     assert "CPU ms/img" in out.stdout
     folder = tmp_path / "demo"
     report = af.AFIEReport.load(folder / "report_activations.json")
