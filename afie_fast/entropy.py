@@ -39,7 +39,7 @@ def backend_info() -> dict[str, Any]:
         "blas": blas["name"],
         "blas_config": blas["config"],
         "blas_threads": blas["threads"],
-        "avx2_comoment_kernel": bool(c.gram_kernel()),
+        "comoment_kernel": c.gram_kernel(),  # avx512, avx2 (AFIE_GRAM_KERNEL=avx2 forces it) or none
         "openmp": bool(c.openmp),
         "torch_threads": torch.get_num_threads(),
         "cuda_compiled": bool(c.cuda_compiled),

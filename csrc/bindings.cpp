@@ -368,6 +368,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("spectra_entropy", &spectra_entropy, py::arg("s"), py::arg("out"), py::arg("stream") = 0,
         "AFIE entropy of each row of s [B, p] into out [B] (CPU or CUDA; no finiteness check).");
   m.def("blas_info", &blas_info);
-  m.def("gram_kernel", &afie::gram_available,
-        "Whether narrow float32 co-moments run on the AVX2/FMA kernel of csrc/gram.cpp (else BLAS)");
+  m.def("gram_kernel", &afie::gram_kernel,
+        "The kernel of csrc/gram.cpp that narrow float32 co-moments run on: avx512, avx2 or none (BLAS)");
 }

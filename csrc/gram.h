@@ -13,12 +13,16 @@
 namespace afie {
 
 // Rows a block must be padded to (with zero rows) and the multiple its row length must
-// have (zero columns past the data): the kernel works in whole 3×4 tiles of 8-wide rows.
-constexpr int64_t kGramRows = 12;
-constexpr int64_t kGramCols = 8;
+// have (zero columns past the data): the kernel works in whole 3×4 tiles of 8-wide rows
+// (AVX2) or 3×8 tiles of 16-wide rows (AVX-512).
+constexpr int64_t kGramRows = 24;
+constexpr int64_t kGramCols = 16;
 
 // True when this CPU has the AVX2 and FMA instructions the kernel is built with.
 bool gram_available();
+
+// The kernel gram_upper_add runs here: "avx512", "avx2" or "none" (BLAS does the work).
+const char* gram_kernel();
 
 // c[i·n + j] += Σ_t a[i·ld + t]·a[j·ld + t] for i in [i_begin, i_end), i ≤ j < n (the lower
 // triangle is left alone). a holds round_up(n, kGramRows) rows of ld floats, ld a

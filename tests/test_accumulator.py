@@ -1,4 +1,8 @@
 """CovarianceAccumulator against numpy's float64 np.cov."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -151,22 +155,41 @@ def test_wide_layer_nonfinite_in_a_later_chunk_leaves_state_unchanged(gen, compu
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def cpu_has_avx2_fma():
+def expected_kernel():
+    """The gram kernel this CPU should run, from its flags (None: no /proc/cpuinfo)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read().split()
+            flags = set(f.read().split())
     except OSError:
         return None
-    return "avx2" in flags and "fma" in flags
+    if not {"avx2", "fma"} <= flags:
+        return "none"
+    return "avx512" if {"avx512f", "avx512dq"} <= flags else "avx2"
 
 
-def test_gram_kernel_is_used_where_the_cpu_has_it():
-    # Narrow NCHW layers with float32 products run on csrc/gram.cpp when AVX2+FMA exist;
+def test_gram_kernel_is_the_widest_the_cpu_has():
+    # Narrow NCHW layers with float32 products run on csrc/gram.cpp (AVX-512, else AVX2);
     # the tests below then check that kernel, not the BLAS fallback.
-    has = cpu_has_avx2_fma()
-    if has is None:
+    want = expected_kernel()
+    if want is None:
         pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
-    assert af.backend_info()["avx2_comoment_kernel"] == has
+    assert af.backend_info()["comoment_kernel"] == want
+
+
+def test_avx2_kernel_where_avx512_runs_by_default():
+    # Machines with AVX-512 would otherwise never run the AVX2 kernel that other CPUs use:
+    # the float32-products tests again, in a process that asks for AVX2.
+    if expected_kernel() != "avx512":
+        pytest.skip("this CPU runs the AVX2 kernel (or none) by default: the tests above check it")
+    env = {**os.environ, "AFIE_GRAM_KERNEL": "avx2"}
+    here = os.path.dirname(__file__)  # not the repo root, whose afie_fast/ is the uncompiled source
+    probe = subprocess.run([sys.executable, "-c", "import afie_fast as af; print(af.backend_info()['comoment_kernel'])"],
+                           env=env, capture_output=True, text=True, check=True, cwd=here)
+    assert probe.stdout.strip() == "avx2"
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "float32_products_match_np_cov"], env=env, capture_output=True, text=True, cwd=here)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert " passed" in run.stdout
 
 
 @pytest.mark.parametrize("channels", [1, 5, 13, 64, 200, 256, 301])
