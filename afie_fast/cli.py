@@ -60,6 +60,14 @@ def _batches(data: str, shape: tuple[int, ...], n: int, batch_size: int, seed: i
     raise ValueError(f"--data must be 'digits' or 'random', got {data!r}")
 
 
+def _positions(text: str) -> str | int:
+    if text in ("all", "auto"):
+        return text
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    raise argparse.ArgumentTypeError(f"expected all, auto or a positive number, got {text!r}")
+
+
 def cmd_score(args: argparse.Namespace) -> None:
     import afie_fast as af
 
@@ -68,7 +76,8 @@ def cmd_score(args: argparse.Namespace) -> None:
     if args.data:
         loader = _batches(args.data, _input_shape(args.input_shape, default_shape), args.batches, args.batch_size, args.seed)
     criteria = tuple(args.criteria.split(",")) if args.criteria else None
-    report = af.score(model, loader, progress=not args.json, criteria=criteria, linear=args.linear)
+    report = af.score(model, loader, progress=not args.json, criteria=criteria, linear=args.linear,
+                      positions=args.positions)
     if args.out:
         report.save(args.out)
     if args.json:
@@ -139,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--input-shape", help="C,H,W of one input (zoo models know theirs)")
     s.add_argument("--criteria", help="filter scores to compute, e.g. l1,variance,independence")
     s.add_argument("--linear", action="store_true", help="also score nn.Linear layers (MLP hidden widths)")
+    s.add_argument("--positions", default="auto", type=_positions,
+                   help="spatial positions per image and layer: all, auto (default: at most 4096) or a number")
     s.add_argument("--target", type=float, default=0.5, help="target for the ratio column (default: 0.5)")
     s.add_argument("--out", help="write the report JSON here")
     s.add_argument("--json", action="store_true", help="print the report as JSON")

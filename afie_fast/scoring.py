@@ -12,6 +12,7 @@ from torch import nn
 from . import _ext
 from .accumulator import CovarianceAccumulator
 from .layers import Layer, layers_of, width
+from .positions import Lattice, resolve
 from .report import AFIEReport, LayerScore
 
 SOURCES = ("activations", "weights")
@@ -146,7 +147,8 @@ def _resolve_device(model: nn.Module, device: torch.device | str | None) -> torc
 def score(model: nn.Module, loader: Iterable | None = None, *, source: str | None = None,
           layers: LayerSelector = None, max_batches: int | None = None, device: torch.device | str | None = None,
           progress: bool = True, distributed: bool = False, input_fn: Callable[[Any], Any] | None = None,
-          criteria: Sequence[str] | None = None, precision: str = "float32", linear: bool = False) -> AFIEReport:
+          criteria: Sequence[str] | None = None, precision: str = "float32", linear: bool = False,
+          positions: str | int = "auto", seed: int = 0) -> AFIEReport:
     """Score every Conv2d of ``model`` with AFIE (and every Linear, with ``linear=True``).
 
     Args:
@@ -174,6 +176,11 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
         precision: products inside a batch on the CPU: "float32" (default; for float32
             activations, ~1e-6 relative, about twice as fast) or "float64". The
             accumulated state is float64 on the CPU either way, float32 on CUDA.
+        positions: the spatial positions of each conv output that enter its covariance:
+            "all" (exact), an int P (per image at most P positions: a lattice of every
+            s-th row and column, its offset changing from batch to batch), or "auto"
+            (P = 4096, a 64×64 lattice: only maps larger than that are thinned).
+        seed: the seed of the lattice offsets (the result is deterministic for a seed).
 
     Returns:
         AFIEReport with one LayerScore per selected layer, in model order.
@@ -191,14 +198,15 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
             print(f"afie_fast: scored {len(report)} {_kind(linear)} from their weights")
         return report
     criteria = _check_activation_args(loader, criteria, precision, max_batches, distributed)
+    lattice = Lattice(resolve(positions), seed)
 
     accs, n_batches, seconds = stream_activations(model, loader, convs, dev, max_batches, progress, input_fn,
-                                                  getattr(torch, precision))
+                                                  getattr(torch, precision), lattice)
     if distributed:
         for acc in accs.values():
             acc.all_reduce()
     layer_scores = _activation_scores(convs, accs, criteria)
-    meta.update(batches=n_batches, seconds=round(seconds, 3))
+    meta.update(batches=n_batches, seconds=round(seconds, 3), positions=positions)
     report = AFIEReport(layer_scores, source="activations", meta=meta)
     if progress:
         obs = sum(ls.n_samples for ls in report)
@@ -258,14 +266,17 @@ def _activation_scores(convs: dict[str, Layer], accs: dict[str, CovarianceAccumu
 
 def stream_activations(model: nn.Module, loader: Iterable, convs: dict[str, Layer], device: torch.device,
                        max_batches: int | None, progress: bool, input_fn,
-                       compute_dtype: torch.dtype = torch.float32) -> tuple[dict[str, CovarianceAccumulator], int, float]:
-    """One pass over the loader with a forward hook on each conv feeding its accumulator."""
+                       compute_dtype: torch.dtype = torch.float32,
+                       lattice: Lattice | None = None) -> tuple[dict[str, CovarianceAccumulator], int, float]:
+    """One pass over the loader with a forward hook on each conv feeding its accumulator
+    (with the positions the lattice picks; default all)."""
+    lattice = lattice or Lattice(None)
     acc_dtype = torch.float64 if device.type == "cpu" else torch.float32
     accs = {n: CovarianceAccumulator(width(c), device=device, dtype=acc_dtype, compute_dtype=compute_dtype)
             for n, c in convs.items()}
     batch_index = 0
 
-    def hook_for(name: str):
+    def hook_for(index: int, name: str):
         def hook(module, _inputs, output):
             if isinstance(module, nn.Linear):  # (..., C): every leading position is an observation
                 output = output.reshape(-1, output.shape[-1])
@@ -273,6 +284,8 @@ def stream_activations(model: nn.Module, loader: Iterable, convs: dict[str, Laye
                 raise ValueError(f"layer {name!r}, batch {batch_index}: the conv gave a {output.dim()}-D output "
                                  f"{tuple(output.shape)}; a batch of images is (N, C, H, W): add the batch "
                                  f"dimension (x.unsqueeze(0)) to an unbatched input")
+            else:
+                output = lattice.view(output, index, batch_index)
             try:
                 accs[name].update(output)
             except ValueError as exc:
@@ -286,7 +299,7 @@ def stream_activations(model: nn.Module, loader: Iterable, convs: dict[str, Laye
         total = min(total, max_batches)
     bar = tqdm(total=total, desc="afie_fast score", unit="batch", disable=not progress)
 
-    handles = [conv.register_forward_hook(hook_for(name)) for name, conv in convs.items()]
+    handles = [conv.register_forward_hook(hook_for(i, name)) for i, (name, conv) in enumerate(convs.items())]
     start = time.perf_counter()
     try:
         with scoring_mode(model), torch.inference_mode():
