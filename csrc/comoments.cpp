@@ -376,11 +376,16 @@ void update_gram(const Batch4& y, const Runs& r, double* n, Acc* mean, Acc* m2, 
 
 // Wide channel-major layers (kGramMax ≤ C < kGramWideMax) with float products: few
 // observations of many channels, so too few chunks to give each worker its own, and a C²
-// partial per worker would cost more to fold than it saves. Chunk by chunk (kGramPanel observations), the
-// workers fill and centre their share of the channels, then compute their share of the
-// triangle's tile rows into one double S; the chunks' means then enter as a low-rank term
-// as in update_gram, and S folds into the state. A long panel keeps the kernel's tiles
-// long (each tile ends in a horizontal sum and a store), and the kernel blocks B for L2.
+// partial per worker would cost more to fold than it saves. Each worker takes a share of
+// the triangle's tile rows of one double S and runs through all the chunks (kGramPanel
+// observations each) on its own: it fills and centres the whole chunk into its own
+// buffer, then adds its rows of the chunk's products. The fill is repeated per worker
+// (C·k reads against C²·k/2 products shared out, the second read from the shared cache)
+// so that the workers never wait for each other inside the layer: with a barrier per
+// chunk, a worker that the OS descheduled (a core shared with a DataLoader worker) held
+// up every chunk. The chunks' means then enter as a low-rank term as in update_gram, and
+// S folds into the state. A long panel keeps the kernel's tiles long (each tile ends in
+// a horizontal sum and a store), and the kernel blocks B for L2.
 template <class Acc>
 void update_gram_wide(const Batch4& y, const Runs& r, double* n, Acc* mean, Acc* m2, int64_t workers) {
   const int64_t C = r.C, m = y.shape[0] * y.shape[2] * y.shape[3];
@@ -390,32 +395,32 @@ void update_gram_wide(const Batch4& y, const Runs& r, double* n, Acc* mean, Acc*
   const std::vector<int64_t> edge = split_triangle((C + kGramTile - 1) / kGramTile, workers);
   workers = int64_t(edge.size()) - 1;
   auto row0 = [&](int64_t t) { return std::min(C, edge[t] * kGramTile); };  // worker t's rows of S
-  Scratch<float>& s = Scratch<float>::get();  // the caller's, shared by the workers
-  s.buf.resize(size_t(rows * ld)), s.mu.resize(size_t(chunks * C)), s.m2.resize(size_t(C * C));
-  std::fill(s.buf.begin() + C * ld, s.buf.end(), 0.0f);  // padding rows
+  // The caller's scratch holds the shared state (worker 0, on the calling thread, uses
+  // only the chunk members of the same object).
+  Scratch<float>& s = Scratch<float>::get();
+  std::vector<double>&mu = s.mu, &S = s.m2, &overall = s.mean;
+  mu.resize(size_t(chunks * C)), S.resize(size_t(C * C)), overall.assign(size_t(C), 0.0);
+  fork_join(workers, [&](int64_t t) {
+    Scratch<float>& w = Scratch<float>::get();  // this worker's own chunk
+    w.buf.resize(size_t(rows * ld)), w.sums.resize(size_t(C));
+    std::fill(w.buf.begin() + C * ld, w.buf.end(), 0.0f);  // padding rows
+    std::fill(S.begin() + row0(t) * C, S.begin() + row0(t + 1) * C, 0.0);
+    for (int64_t q = 0; q < chunks; ++q) {
+      const int64_t o0 = q * chunk, o1 = std::min(m, o0 + chunk);
+      chunk_runs(r, o0, o1, w.runs);
+      double* sums = t == 0 ? mu.data() + q * C : w.sums.data();  // the same sums in every worker
+      dispatch_dtype(y.dtype, [&]<DType T>() { fill_centred<T>(y, r, w.runs, o1 - o0, 0, C, w.buf.data(), ld, sums); });
+      gram_upper_add(w.buf.data(), C, ld, S.data(), row0(t), row0(t + 1));
+    }
+  });
   std::vector<double> nb(static_cast<size_t>(chunks));
   for (int64_t q = 0; q < chunks; ++q) {
-    const int64_t o0 = q * chunk, o1 = std::min(m, o0 + chunk);
-    double* mu = s.mu.data() + q * C;
-    chunk_runs(r, o0, o1, s.runs);
-    fork_join(workers, [&](int64_t t) {
-      dispatch_dtype(y.dtype, [&]<DType T>() {
-        fill_centred<T>(y, r, s.runs, o1 - o0, C * t / workers, C * (t + 1) / workers, s.buf.data(), ld, mu);
-      });
-    });
-    fork_join(workers, [&](int64_t t) {
-      if (q == 0) std::fill(s.m2.begin() + row0(t) * C, s.m2.begin() + row0(t + 1) * C, 0.0);
-      gram_upper_add(s.buf.data(), C, ld, s.m2.data(), row0(t), row0(t + 1));
-    });
-    nb[size_t(q)] = double(o1 - o0);
-    for (int64_t c = 0; c < C; ++c) mu[c] /= nb[size_t(q)];
+    nb[size_t(q)] = double(std::min(m, q * chunk + chunk) - q * chunk);
+    for (int64_t c = 0; c < C; ++c) mu[q * C + c] /= nb[size_t(q)], overall[c] += nb[size_t(q)] / double(m) * mu[q * C + c];
   }
-  s.mean.assign(C, 0.0);
-  for (int64_t q = 0; q < chunks; ++q)
-    for (int64_t c = 0; c < C; ++c) s.mean[c] += nb[size_t(q)] / double(m) * s.mu[q * C + c];
   if (chunks > 1)
-    fork_join(workers, [&](int64_t t) { add_chunk_means(C, row0(t), row0(t + 1), nb, s.mu.data(), s.mean.data(), s.m2.data()); });
-  fold_state(C, n, mean, m2, double(m), s.mean.data(), s.m2.data(), workers);
+    fork_join(workers, [&](int64_t t) { add_chunk_means(C, row0(t), row0(t + 1), nb, mu.data(), overall.data(), S.data()); });
+  fold_state(C, n, mean, m2, double(m), overall.data(), S.data(), workers);
 }
 
 // The batch, chunk by chunk: fill (one read of the input), centre on the chunk's mean,
