@@ -189,6 +189,7 @@ void comoments_update(py::handle y_obj, py::handle n_obj, py::handle mean_obj, p
     no_cuda("comoments_update");
 #endif
   }
+  y.expect_cpu("comoments_update");
   py::gil_scoped_release nogil;
   if (acc == DType::f64) afie::comoments_update_cpu(b, ptr<double>(n), ptr<double>(mean), ptr<double>(m2), threads, float_products);
   else afie::comoments_update_cpu(b, ptr<double>(n), ptr<float>(mean), ptr<float>(m2), threads, float_products);

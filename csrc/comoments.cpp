@@ -13,6 +13,21 @@
 namespace afie {
 namespace {
 
+// Where each accumulate strategy takes over (choose_path below reads them all).
+// Layers at least this wide take every thread to each step of one chunk (update_wide): a
+// per-thread partial state of C² doubles would cost more to fold than it saves.
+constexpr int64_t kWide = 512;
+
+// Channel-major layers with float products run on gram_upper_add: narrower than kGramMax
+// each worker takes its own L2-sized chunks (update_gram); from there to kGramWideMax the
+// workers share each chunk of kGramPanel observations (update_gram_wide). Wider layers
+// stay on BLAS (update_wide): at 2048 channels the kernel's pass over a 32 MiB C² partial
+// per 512 observations made it 1.3× slower, at 1024 it was even.
+constexpr int64_t kGramMax = 256;
+constexpr int64_t kGramWideMax = 1024;
+constexpr int64_t kGramPanel = 512;  // the kernel's best row length (43 GMAC/s a core vs 40 at 1024)
+
+
 // Calls f(offset_of_first_obs, stride, count, k) for the runs covering observations
 // [o0, o1), where k is the index (relative to o0) of the run's first observation.
 template <class F>
@@ -96,22 +111,6 @@ void centre(int64_t C, int64_t k, bool obs_major, const double* mu, Work* buf, i
       for (int64_t t = 0; t < k; ++t) row[t] -= mc;
     }
   }
-}
-
-// Chan's merge on the upper triangle: (na, mean_a, m2_a) ← (na, mean_a, m2_a) ⊕ (nb, mean_b, m2_b).
-template <class A, class B>
-void fold_upper(int64_t C, double& na, A* mean_a, A* m2_a, double nb, const double* mean_b, const B* m2_b) {
-  const double nt = na + nb, w = na * nb / nt;
-  std::vector<double> delta(C);
-  for (int64_t c = 0; c < C; ++c) delta[c] = mean_b[c] - static_cast<double>(mean_a[c]);
-  for (int64_t i = 0; i < C; ++i) {
-    A* row = m2_a + i * C;
-    const B* brow = m2_b + i * C;
-    const double wi = w * delta[i];
-    for (int64_t j = i; j < C; ++j) row[j] = static_cast<A>(row[j] + static_cast<double>(brow[j]) + wi * delta[j]);
-  }
-  for (int64_t c = 0; c < C; ++c) mean_a[c] = static_cast<A>(static_cast<double>(mean_a[c]) + delta[c] * (nb / nt));
-  na = nt;
 }
 
 // Splits the rows [0, rows) of an upper triangle into contiguous runs of about equal area,
@@ -282,19 +281,6 @@ struct Partials {
   double* m2_of(int64_t t) { return m2.data() + t * C * C; }
 };
 
-// Layers at least this wide take every thread to each step of one chunk (update_wide): a
-// per-thread partial state of C² doubles would cost more to fold than it saves.
-constexpr int64_t kWide = 512;
-
-// Channel-major layers with float products run on gram_upper_add: narrower than kGramMax
-// each worker takes its own L2-sized chunks (update_gram); from there to kGramWideMax the
-// workers share each chunk of kGramPanel observations (update_gram_wide). Wider layers
-// stay on BLAS (update_wide): at 2048 channels the kernel's pass over a 32 MiB C² partial
-// per 512 observations made it 1.3× slower, at 1024 it was even.
-constexpr int64_t kGramMax = 256;
-constexpr int64_t kGramWideMax = 1024;
-constexpr int64_t kGramPanel = 512;  // the kernel's best row length (43 GMAC/s a core vs 40 at 1024)
-
 // A wide layer, chunk by chunk, all threads on each step: fill their slices of the chunk,
 // centre them on the chunk's mean, SYRK blocks, then the fused fold into the state.
 // Several chunks (large maps) gather in a private state first, so a non-finite value in
@@ -429,18 +415,8 @@ void update_gram_wide(const Batch4& y, const Runs& r, double* n, Acc* mean, Acc*
 // parallel.h); the workers' states then fold into the caller's in order, so the result
 // is deterministic. Non-finite data throws before anything reaches the caller's state.
 template <class Acc, class Work>
-void update_impl(const Batch4& y, double* n, Acc* mean, Acc* m2, int threads) {
-  const Runs r = collapse(y);
-  const int64_t C = y.shape[1];
-  const int64_t m = y.shape[0] * y.shape[2] * y.shape[3];
-  if (m == 0) throw BadInput("empty batch: it holds no observations (N*H*W == 0)");
-  const int64_t workers_max = std::max(1, threads);
-  const bool obs_major = r.sC == 1 && r.sL != 1;  // read memory in order either way
-  blas::use_threads(1);
-  if constexpr (std::is_same_v<Work, float>)
-    if (!obs_major && C < kGramWideMax && gram_available())
-      return C < kGramMax ? update_gram(y, r, n, mean, m2, workers_max) : update_gram_wide(y, r, n, mean, m2, workers_max);
-  if (C >= kWide && workers_max > 1 && m >= 2 * workers_max) return update_wide<Acc, Work>(y, r, obs_major, n, mean, m2, workers_max);
+void update_chunks(const Batch4& y, const Runs& r, bool obs_major, double* n, Acc* mean, Acc* m2, int64_t workers_max) {
+  const int64_t C = r.C, m = y.shape[0] * y.shape[2] * y.shape[3];
   // Chunks of ≤ 2 MiB of Work values stay in cache between fill, centre and SYRK; at
   // least 256 observations keep SYRK efficient and the per-chunk O(C²) fold negligible.
   // Chunks also hold at least C observations, so the O(C²) fold of each stays small
@@ -457,9 +433,6 @@ void update_impl(const Batch4& y, double* n, Acc* mean, Acc* m2, int threads) {
   fork_join(workers, [&](int64_t t) {
     Scratch<Work>& s = Scratch<Work>::get();
     s.buf.resize(size_t(chunk * C)), s.cm2.resize(size_t(C * C)), s.sums.resize(C), s.mu.resize(C);
-    // The worker's partial (its M2 needs no zeroing: the first chunk overwrites it).
-    double* const pmean = direct ? nullptr : p.mean_of(t);
-    double* const pm2 = direct ? nullptr : p.m2_of(t);
     for (int64_t q = t * chunks / workers; q < (t + 1) * chunks / workers; ++q) {
       const int64_t o0 = q * chunk, o1 = std::min(m, o0 + chunk), k = o1 - o0;
       dispatch_dtype(y.dtype, [&]<DType T>() { fill_and_sum<T, Work>(y, r, o0, o1, obs_major, s.buf.data(), s.sums.data()); });
@@ -469,20 +442,42 @@ void update_impl(const Batch4& y, double* n, Acc* mean, Acc* m2, int threads) {
       }
       centre(C, k, obs_major, s.mu.data(), s.buf.data());
       syrk_upper_parallel(obs_major, C, k, s.buf.data(), s.cm2.data(), syrk_workers);
-      if (direct) {
-        fold_state(C, n, mean, m2, double(k), s.mu.data(), s.cm2.data(), 1);
-      } else if (p.n[t] == 0) {  // the first chunk is the partial state
-        std::copy(s.mu.begin(), s.mu.end(), pmean);
-        for (int64_t i = 0; i < C; ++i)
-          for (int64_t j = i; j < C; ++j) pm2[i * C + j] = s.cm2[i * C + j];
-        p.n[t] = double(k);
-      } else {
-        fold_upper(C, p.n[t], pmean, pm2, double(k), s.mu.data(), s.cm2.data());
-      }
+      if (direct) fold_state(C, n, mean, m2, double(k), s.mu.data(), s.cm2.data(), 1);
+      else fold_state(C, &p.n[t], p.mean_of(t), p.m2_of(t), double(k), s.mu.data(), s.cm2.data(), 1);
     }
   });
   if (!direct)
     for (int64_t t = 0; t < workers; ++t) fold_state(C, n, mean, m2, p.n[t], p.mean_of(t), p.m2_of(t), workers_max);
+}
+
+// Which strategy accumulates a batch, and why. Every threshold is in the table above it.
+enum class Path {
+  Gram,        // float products, NCHW, C < kGramMax, AVX2/AVX-512: each worker its own L2 chunks
+  GramWide,    // float products, NCHW, C < kGramWideMax, AVX2/AVX-512: workers share the triangle
+  BlasWide,    // C ≥ kWide with threads and observations to spare: all threads on each chunk
+  BlasChunks,  // the rest (channels_last, float64 products, narrow or tiny batches): chunks per worker
+};
+
+template <class Work>
+Path choose_path(int64_t C, int64_t m, bool obs_major, int64_t workers) {
+  if (std::is_same_v<Work, float> && !obs_major && C < kGramWideMax && gram_available())
+    return C < kGramMax ? Path::Gram : Path::GramWide;
+  if (C >= kWide && workers > 1 && m >= 2 * workers) return Path::BlasWide;
+  return Path::BlasChunks;
+}
+
+template <class Acc, class Work>
+void update_impl(const Batch4& y, double* n, Acc* mean, Acc* m2, int threads) {
+  const Runs r = collapse(y);
+  const int64_t workers = std::max(1, threads), m = y.shape[0] * y.shape[2] * y.shape[3];
+  const bool obs_major = r.sC == 1 && r.sL != 1;  // read memory in order either way
+  blas::use_threads(1);
+  switch (choose_path<Work>(r.C, m, obs_major, workers)) {
+    case Path::Gram: return update_gram(y, r, n, mean, m2, workers);
+    case Path::GramWide: return update_gram_wide(y, r, n, mean, m2, workers);
+    case Path::BlasWide: return update_wide<Acc, Work>(y, r, obs_major, n, mean, m2, workers);
+    case Path::BlasChunks: return update_chunks<Acc, Work>(y, r, obs_major, n, mean, m2, workers);
+  }
 }
 
 }  // namespace

@@ -11,7 +11,8 @@
 namespace afie {
 
 // Adds one batch to the state. Acc is the state's float type (double by default).
-// Rejects a batch with any non-finite value (BadInput) before touching the state.
+// Rejects a batch with any non-finite value (BadInput) before touching the state. The
+// batch holds at least one observation (the bindings refuse empty ones).
 // float_products: multiply in float32 for inputs of float32 or narrower (per-chunk
 // centring keeps the error near the inputs' own rounding; chunks still add up in Acc).
 // threads: the core's own workers (parallel.h; BLAS itself runs single-threaded inside each).

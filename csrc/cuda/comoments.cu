@@ -181,7 +181,6 @@ void comoments_update(const Batch4& y, double* n, Acc* mean, Acc* m2, double* sc
   const Runs r = collapse(y);
   const int64_t C = y.shape[1];
   const int64_t m = y.shape[0] * y.shape[2] * y.shape[3];
-  if (m == 0) throw BadInput("empty batch: it holds no observations (N*H*W == 0)");
 
   cudaMemsetAsync(scratch, 0, sizeof(double) * (C + 2), s);
   const dim3 sum_block(32, 8);
