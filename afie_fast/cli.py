@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--criteria", help="filter scores to compute, e.g. l1,variance,independence")
     s.add_argument("--linear", action="store_true", help="also score nn.Linear layers (MLP hidden widths)")
     s.add_argument("--positions", default="auto", type=_positions,
-                   help="spatial positions per image and layer: all, auto (default: at most 4096) or a number")
+                   help="spatial positions per image and layer: all, auto (default: at most 1024) or a number")
     s.add_argument("--target", type=float, default=0.5, help="target for the ratio column (default: 0.5)")
     s.add_argument("--out", help="write the report JSON here")
     s.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -179,7 +179,8 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
         positions: the spatial positions of each conv output that enter its covariance:
             "all" (exact), an int P (per image at most P positions: a lattice of every
             s-th row and column, its offset changing from batch to batch), or "auto"
-            (P = 4096, a 64×64 lattice: only maps larger than that are thinned).
+            (P = 1024: maps larger than 32×32 are thinned to a 32×32 lattice or less; on
+            torchvision's CNNs this left the allocation unchanged, README "Positions").
         seed: the seed of the lattice offsets (the result is deterministic for a seed).
 
     Returns:
