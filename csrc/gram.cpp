@@ -26,6 +26,14 @@ __attribute__((target("avx2,fma"))) inline __m128 hsum4(__m256 a, __m256 b, __m2
   return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
+// A 3×Q tile that crosses the diagonal, the last column or i_end: only its entries in the
+// upper triangle, the matrix and the caller's rows are added to c.
+template <int Q>
+void add_edge_tile(const float (&tile)[3][Q], double* c, int64_t n, int64_t i0, int64_t j0, int64_t i_end) {
+  for (int64_t r = 0; r < 3 && i0 + r < i_end; ++r)
+    for (int64_t q = std::max<int64_t>(0, i0 + r - j0); q < Q && j0 + q < n; ++q) c[(i0 + r) * n + j0 + q] += tile[r][q];
+}
+
 // 3×4 tiles of the upper triangle: 12 accumulators, 3 rows of A held in registers and one
 // row of B streamed (all 16 AVX2 registers); each step of 8 observations is 12 FMAs for
 // 7 loads, so FMA throughput bounds it. The 3 rows stay in L1 while the tile sweeps
@@ -66,9 +74,7 @@ __attribute__((target("avx2,fma"))) void gram_upper_add_avx2(const float* a, int
         }
         alignas(16) float tile[3][4];
         for (int64_t r = 0; r < 3; ++r) _mm_store_ps(tile[r], s[r]);
-        for (int64_t r = 0; r < 3 && i0 + r < i_end; ++r)
-          for (int64_t q = std::max<int64_t>(0, i0 + r - j0); q < 4 && j0 + q < n; ++q)
-            c[(i0 + r) * n + j0 + q] += tile[r][q];
+        add_edge_tile<4>(tile, c, n, i0, j0, i_end);
       }
     }
   }
@@ -120,9 +126,7 @@ __attribute__((target("avx512f,avx512dq,avx2,fma"))) void gram_upper_add_avx512(
         }
         alignas(32) float tile[3][8];
         for (int64_t r = 0; r < 3; ++r) _mm256_store_ps(tile[r], s[r]);
-        for (int64_t r = 0; r < 3 && i0 + r < i_end; ++r)
-          for (int64_t q = std::max<int64_t>(0, i0 + r - j0); q < 8 && j0 + q < n; ++q)
-            c[(i0 + r) * n + j0 + q] += tile[r][q];
+        add_edge_tile<8>(tile, c, n, i0, j0, i_end);
       }
     }
   }
