@@ -9,6 +9,7 @@ import ctypes
 import os
 
 import torch
+from torch.utils.dlpack import to_dlpack
 
 try:  # Make libscipy_openblas.so findable even when _C's rpath does not reach it.
     import scipy_openblas32 as _openblas
@@ -44,11 +45,23 @@ def comoments_update(y: torch.Tensor, n: torch.Tensor, mean: torch.Tensor, m2: t
                      float_products: bool = False) -> None:
     """Add y (N, C, H, W) to the state (n, mean, m2) in place. CUDA states also pass their
     scratch (C + 2,) float64 and rejected (1,) int32 buffers."""
-    if y.is_cuda:  # launch on the tensor's own device and its current stream
+    # Called once per layer and batch: the tensors cross as DLPack capsules made in C
+    # (torch's Tensor.__dlpack__ costs microseconds of Python each).
+    args = [to_dlpack(t) for t in (y.detach(), n, mean, m2)]
+    if not y.is_cuda:
+        _C.comoments_update(*args, threads(), 0, scratch, rejected, float_products)
+        return
+    work = None
+    if mean.dtype == torch.float32 and _C.cuda_compiled and y.dim() == 4 and y.shape[1] > 0:
+        # The batch, centred, as dense float32 for the tensor cores (stream-ordered, from torch's pool).
+        floats = _C.cuda_workspace_floats(y.shape[1], y.numel() // y.shape[1])
+        work = to_dlpack(torch.empty(floats, dtype=torch.float32, device=y.device))
+    extra = [None if t is None else to_dlpack(t) for t in (scratch, rejected)]
+    if y.device.index == torch.cuda.current_device():
+        _C.comoments_update(*args, threads(), _stream(y), *extra, False, work)
+    else:  # launch on the tensor's own device and its current stream
         with torch.cuda.device(y.device):
-            _C.comoments_update(y.detach(), n, mean, m2, threads(), _stream(y), scratch, rejected)
-    else:
-        _C.comoments_update(y.detach(), n, mean, m2, threads(), 0, scratch, rejected, float_products)
+            _C.comoments_update(*args, threads(), _stream(y), *extra, False, work)
 
 
 def comoments_merge(a: tuple, b: tuple, scratch: torch.Tensor | None = None) -> None:

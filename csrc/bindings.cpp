@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -33,6 +34,10 @@ namespace {
 class Buffer {
  public:
   Buffer(py::handle obj, const char* name) : name_(name) {
+    if (PyCapsule_CheckExact(obj.ptr()) && PyCapsule_IsValid(obj.ptr(), "dltensor")) {
+      take(obj);  // a capsule already (torch.utils.dlpack.to_dlpack): the fast path for hot calls
+      return;
+    }
     if (!py::hasattr(obj, "__dlpack__"))
       throw py::type_error(name_ + ": expected a tensor or array (an object with __dlpack__), got " +
                            std::string(py::str(py::type::of(obj).attr("__name__"))));
@@ -41,6 +46,17 @@ class Buffer {
     // CUDA producers sync to the stream we pass; -1 says "no sync", since kernels run on
     // the caller's current stream, passed explicitly.
     py::object cap = dev_type == kDLCUDA ? obj.attr("__dlpack__")(py::arg("stream") = -1) : obj.attr("__dlpack__")();
+    take(cap);
+  }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer() {
+    if (mt_ && mt_->deleter) mt_->deleter(mt_);
+  }
+
+ private:
+  // Takes ownership of the DLManagedTensor in an unused "dltensor" capsule.
+  void take(py::handle cap) {
     mt_ = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(cap.ptr(), "dltensor"));
     if (!mt_) throw py::error_already_set();
     PyCapsule_SetName(cap.ptr(), "used_dltensor");  // we call the deleter ourselves
@@ -57,11 +73,8 @@ class Buffer {
     }
     code = t.dtype.code, bits = t.dtype.bits, lanes = t.dtype.lanes;
   }
-  Buffer(const Buffer&) = delete;
-  Buffer& operator=(const Buffer&) = delete;
-  ~Buffer() {
-    if (mt_ && mt_->deleter) mt_->deleter(mt_);
-  }
+
+ public:
 
   int64_t ndim() const { return int64_t(shape.size()); }
   int64_t numel() const {
@@ -156,7 +169,8 @@ DType check_state(const Buffer& n, const Buffer& mean, const Buffer& m2) {
 }
 
 void comoments_update(py::handle y_obj, py::handle n_obj, py::handle mean_obj, py::handle m2_obj, int threads,
-                      std::uintptr_t stream, py::object scratch_obj, py::object rejected_obj, bool float_products) {
+                      std::uintptr_t stream, py::object scratch_obj, py::object rejected_obj, bool float_products,
+                      py::object work_obj) {
   Buffer y(y_obj, "y"), n(n_obj, "n"), mean(mean_obj, "mean"), m2(m2_obj, "m2");
   const DType acc = check_state(n, mean, m2);
   if (y.ndim() != 4) throw py::value_error("y: expected a 4-D (N, C, H, W) tensor, got shape " + Buffer::fmt(y.shape));
@@ -178,14 +192,22 @@ void comoments_update(py::handle y_obj, py::handle n_obj, py::handle mean_obj, p
     if (rejected.code != kDLInt || rejected.bits != 32 || rejected.numel() != 1)
       throw py::type_error("rejected: expected one int32, got " + rejected.dtype_str() + " " + Buffer::fmt(rejected.shape));
     rejected.expect_same_device(y);
+    float* wp = nullptr;
+    int64_t w_floats = 0;
+    std::optional<Buffer> work;
+    if (!work_obj.is_none()) {
+      work.emplace(work_obj, "work");
+      work->expect_dtype(DType::f32), work->expect_contiguous(), work->expect_same_device(y);
+      wp = ptr<float>(*work), w_floats = work->numel();
+    }
     py::gil_scoped_release nogil;
     auto* sp = ptr<double>(scratch);
     auto* rp = ptr<int32_t>(rejected);
-    if (acc == DType::f64) afie::cuda::comoments_update(b, ptr<double>(n), ptr<double>(mean), ptr<double>(m2), sp, rp, stream);
-    else afie::cuda::comoments_update(b, ptr<double>(n), ptr<float>(mean), ptr<float>(m2), sp, rp, stream);
+    if (acc == DType::f64) afie::cuda::comoments_update(b, ptr<double>(n), ptr<double>(mean), ptr<double>(m2), sp, rp, wp, w_floats, stream);
+    else afie::cuda::comoments_update(b, ptr<double>(n), ptr<float>(mean), ptr<float>(m2), sp, rp, wp, w_floats, stream);
     return;
 #else
-    (void)stream, (void)scratch_obj, (void)rejected_obj;
+    (void)stream, (void)scratch_obj, (void)rejected_obj, (void)work_obj;
     no_cuda("comoments_update");
 #endif
   }
@@ -295,26 +317,6 @@ double spectrum_entropy(py::handle s_o) {
   return afie::spectrum_entropy(p, s.shape[0]);
 }
 
-void spectra_entropy(py::handle s_o, py::handle out_o, std::uintptr_t stream) {
-  Buffer s(s_o, "s"), out(out_o, "out");
-  s.expect_dtype(DType::f64), s.expect_contiguous();
-  if (s.ndim() != 2 || s.shape[1] == 0)
-    throw py::value_error("s: expected (B, p) spectra with p > 0, got shape " + Buffer::fmt(s.shape));
-  out.expect_dtype(DType::f64), out.expect_contiguous(), out.expect_same_device(s), out.expect_shape({s.shape[0]});
-  const int64_t B = s.shape[0], p = s.shape[1];
-  if (s.on_cuda()) {
-#ifdef AFIE_WITH_CUDA
-    afie::cuda::spectra_entropy(B, p, ptr<double>(s), ptr<double>(out), stream);
-    return;
-#else
-    (void)stream;
-    no_cuda("spectra_entropy");
-#endif
-  }
-  s.expect_cpu("spectra_entropy");
-  for (int64_t b = 0; b < B; ++b) ptr<double>(out)[b] = afie::spectrum_entropy(ptr<double>(s) + b * p, p);
-}
-
 py::dict blas_info() {
   py::dict d;
   d["name"] = "scipy-openblas32";
@@ -331,6 +333,8 @@ PYBIND11_MODULE(_C, m) {
 #ifdef AFIE_WITH_CUDA
   m.attr("cuda_compiled") = true;
   m.def("cuda_device_count", &afie::cuda::device_count, "CUDA devices visible to the runtime (0 without a driver)");
+  m.def("cuda_workspace_floats", &afie::cuda::workspace_floats, py::arg("C"), py::arg("m"),
+        "float32 workspace a CUDA float32 state's update needs for m observations of C channels");
 #else
   m.attr("cuda_compiled") = false;
   m.def("cuda_device_count", [] { return 0; });
@@ -353,8 +357,9 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.def("comoments_update", &comoments_update, py::arg("y"), py::arg("n"), py::arg("mean"), py::arg("m2"),
         py::arg("threads") = 1, py::arg("stream") = 0, py::arg("scratch") = py::none(), py::arg("rejected") = py::none(),
-        py::arg("float_products") = false,
-        "Add a (N, C, H, W) batch y to the state (n [1] f64, mean [C], m2 [C, C]). NaN/Inf batches are rejected.");
+        py::arg("float_products") = false, py::arg("work") = py::none(),
+        "Add a (N, C, H, W) batch y to the state (n [1] f64, mean [C], m2 [C, C]). NaN/Inf batches are rejected. "
+        "CUDA float32 states also need work: cuda_workspace_floats(C, N*H*W) float32.");
   m.def("comoments_merge", &comoments_merge, py::arg("n_a"), py::arg("mean_a"), py::arg("m2_a"), py::arg("n_b"),
         py::arg("mean_b"), py::arg("m2_b"), py::arg("stream") = 0, py::arg("scratch") = py::none(), "Merge state b into state a (Chan et al.).");
   m.def("eigh", &eigh, py::arg("a"), py::arg("w"), py::arg("v") = py::none(), py::arg("threads") = 1,
@@ -366,8 +371,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("leave_one_out", &leave_one_out, py::arg("w"), py::arg("v"), py::arg("out"), py::arg("threads") = 1,
         "Eigenvalues of every principal (C-1)x(C-1) submatrix, from eigenpairs w [C], v [C, C], into out [C, C-1].");
   m.def("spectrum_entropy", &spectrum_entropy, py::arg("s"), "AFIE entropy K of a spectrum s [p] (float64).");
-  m.def("spectra_entropy", &spectra_entropy, py::arg("s"), py::arg("out"), py::arg("stream") = 0,
-        "AFIE entropy of each row of s [B, p] into out [B] (CPU or CUDA; no finiteness check).");
   m.def("blas_info", &blas_info);
   m.def("gram_kernel", &afie::gram_kernel,
         "The kernel of csrc/gram.cpp that narrow float32 co-moments run on: avx512, avx2 or none (BLAS)");

@@ -1,5 +1,4 @@
 // AFIE's entropy of a spectrum (DESIGN §2): min-max → softmax → natural-log entropy.
-// Header-only so the CPU and CUDA paths run the same arithmetic.
 #pragma once
 #include <cmath>
 #include <cstdint>

@@ -181,7 +181,9 @@ def test_avx2_kernel_where_avx512_runs_by_default():
     # the float32-products tests again, in a process that asks for AVX2.
     if expected_kernel() != "avx512":
         pytest.skip("this CPU runs the AVX2 kernel (or none) by default: the tests above check it")
-    env = {**os.environ, "AFIE_GRAM_KERNEL": "avx2"}
+    # Without the PYTEST_* variables of an xdist worker, which would make the child's
+    # plugins (pytest-benchmark) believe they run under xdist.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")} | {"AFIE_GRAM_KERNEL": "avx2"}
     here = os.path.dirname(__file__)  # not the repo root, whose afie_fast/ is the uncompiled source
     probe = subprocess.run([sys.executable, "-c", "import afie_fast as af; print(af.backend_info()['comoment_kernel'])"],
                            env=env, capture_output=True, text=True, check=True, cwd=here)

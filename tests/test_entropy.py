@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import afie_fast as af
-from afie_fast import _ext
 import reference
 
 
@@ -30,14 +29,6 @@ def test_entropy_stays_near_ln_p(np_rng):
     for p in (4, 64, 1024):
         k, _ = af.afie_from_spectrum(np_rng.exponential(size=p))
         assert math.log(p) - 0.13 < k <= math.log(p)
-
-
-def test_batched_entropy_matches_single(np_rng):
-    s = torch.from_numpy(np_rng.uniform(size=(6, 20)))
-    out = torch.empty(6, dtype=torch.float64)
-    _ext._C.spectra_entropy(s, out)
-    for i in range(6):
-        assert out[i].item() == pytest.approx(reference.afie(s[i].numpy())[0], rel=1e-13)
 
 
 def test_bad_spectra():

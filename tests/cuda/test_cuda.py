@@ -1,4 +1,6 @@
 """The CUDA kernels against the CPU core and a float64 reference (needs a CUDA device)."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -37,6 +39,58 @@ def test_device_accumulator_matches_reference(dtype, layout, acc_dtype, channels
     assert reference.rel_err(acc.covariance().cpu().double(), cpu.covariance()) <= tol
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_device_accumulator_reads_lattice_views_in_place(layout):
+    # score(positions=...) hands the core y[:, :, oy::s, ox::s]: strided in every dim.
+    g = torch.Generator(device="cuda").manual_seed(3)
+    y = torch.randn(6, 70, 23, 19, generator=g, device="cuda") * 1.5 - 2
+    if layout == "channels_last":
+        y = y.contiguous(memory_format=torch.channels_last)
+    view = y[:, :, 1::3, 2::4]
+    acc = af.CovarianceAccumulator(70, device="cuda", dtype=torch.float64).update(view)
+    mean, cov = reference.covariance(view)
+    assert acc.count == view.shape[0] * view.shape[2] * view.shape[3]
+    assert reference.rel_err(acc.covariance().cpu(), cov) <= 1e-10
+    assert reference.rel_err(acc.mean.cpu(), mean) <= 1e-10
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_wide_layer_many_tiles_and_slices(dtype):
+    # 520 channels: 5 × 5 tiles of 128 (the last one partial), on and off the diagonal;
+    # 64·14·14 observations split into many slices whose partial sums meet in M2.
+    g = torch.Generator(device="cuda").manual_seed(4)
+    y = (torch.randn(64, 520, 14, 14, generator=g, device="cuda") + torch.linspace(-3, 3, 520, device="cuda")[:, None, None]).to(dtype)
+    y = y.contiguous(memory_format=torch.channels_last)
+    acc = af.CovarianceAccumulator(520, device="cuda", dtype=torch.float32).update(y[:40]).update(y[40:])
+    mean, cov = reference.covariance(y)
+    assert reference.rel_err(acc.covariance().cpu().double(), cov) <= 1e-5
+    assert reference.rel_err(acc.mean.cpu().double(), mean) <= 1e-5
+
+
+def test_updates_never_wait_on_the_host_and_use_the_callers_stream():
+    # Each batch is written on a side stream after a long device sleep: kernels launched on
+    # any other stream would read it before it exists. Sync debug mode turns any torch call
+    # that synchronises with the host into an error.
+    g = torch.Generator(device="cuda").manual_seed(5)
+    base = [torch.randn(8, 96, 12, 12, generator=g, device="cuda") for _ in range(3)]
+    side = torch.cuda.Stream()
+    acc = af.CovarianceAccumulator(96, device="cuda", dtype=torch.float32)
+    side.wait_stream(torch.cuda.current_stream())
+    try:
+        with warnings.catch_warnings():  # "a prototype feature"
+            warnings.simplefilter("ignore", UserWarning)
+            torch.cuda.set_sync_debug_mode("error")
+        with torch.cuda.stream(side):
+            for b in base:
+                torch.cuda._sleep(20_000_000)
+                acc.update((b * 2 - 1).half())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    side.synchronize()
+    ys = [(b * 2 - 1).half() for b in base]
+    assert reference.rel_err(acc.covariance().cpu().double(), reference.covariance(ys)[1]) <= 1e-5
+
+
 def test_device_merge():
     g = torch.Generator(device="cuda").manual_seed(0)
     y = torch.randn(20, 40, 6, 6, generator=g, device="cuda")
@@ -66,15 +120,6 @@ def test_nan_batch_is_skipped_and_reported():
         acc.covariance()
 
 
-def test_entropy_kernel_matches_cpu():
-    s = torch.rand(5, 33, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    out_gpu = torch.empty(5, dtype=torch.float64, device="cuda")
-    _ext._C.spectra_entropy(s.cuda(), out_gpu, torch.cuda.current_stream().cuda_stream)
-    out_cpu = torch.empty(5, dtype=torch.float64)
-    _ext._C.spectra_entropy(s, out_cpu)
-    torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-14, atol=0)
-
-
 def test_score_on_cuda_matches_cpu():
     from afie_fast.models import resnet18_cifar
 
@@ -88,6 +133,21 @@ def test_score_on_cuda_matches_cpu():
         assert b.n_samples == a.n_samples
         assert b.afie == pytest.approx(a.afie, rel=1e-4)
         np.testing.assert_allclose(b.filter_scores["variance"], a.filter_scores["variance"], rtol=1e-3, atol=1e-6)
+
+
+def test_score_with_a_positions_budget_on_cuda_matches_cpu():
+    # The lattice is drawn on the host from the seed, so both devices see the same positions.
+    from afie_fast.models import resnet18_cifar
+
+    torch.manual_seed(1)
+    model = resnet18_cifar().eval()
+    xs = [torch.randn(8, 3, 32, 32) for _ in range(4)]
+    cpu = af.score(model, xs, progress=False, positions=50, seed=3)
+    gpu = af.score(model.cuda(), xs, progress=False, positions=50, seed=3)
+    model.cpu()
+    for a, b in zip(cpu, gpu):
+        assert b.n_samples == a.n_samples
+        assert b.afie == pytest.approx(a.afie, rel=1e-4)
 
 
 def test_backend_reports_the_device():
