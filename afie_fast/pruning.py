@@ -1,6 +1,7 @@
 """afie_fast.prune: remove the filters AFIE allocates, physically, through torch-pruning."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -186,24 +187,44 @@ class _Measured:
     calls: dict[str, int]
 
 
-def _measure(model: nn.Module, example_inputs: torch.Tensor) -> _Measured:
-    convs = layers_of(model)
-    calls, shape = dict.fromkeys(convs, 0), []
-    # Hooks on the model travel into the copy Torch-Pruning counts on; the closures are shared.
-    hooks = [m.register_forward_hook(lambda *_, n=n: calls.__setitem__(n, calls[n] + 1)) for n, m in convs.items()]
-    hooks.append(model.register_forward_hook(lambda _m, _i, out: shape.append(_shapes(out))))
-    try:
-        with scoring_mode(model):
-            macs, params, layer_macs, layer_params = tp.utils.count_ops_and_params(model, example_inputs,
-                                                                                      layer_wise=True)
-    finally:
-        for h in hooks:
-            h.remove()
-    names = {m: n for n, m in model.named_modules()}
-    per_batch = macs / layer_macs[model] if layer_macs.get(model) else 1.0  # the total is per input, layers per batch
-    layers = {names[m]: (float(layer_macs[m] or 0) * per_batch, float(layer_params[m] or 0)) for m in layer_macs
-              if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))}
-    return _Measured(round(macs), int(params), layers, shape[0], calls)
+class _Counting:
+    """Counts what the forwards run inside it do, on the model itself (no copy): Torch-
+    Pruning's MAC and param counter, each conv's calls, the output's shape. ``measured``
+    holds the result after a clean exit, and the model is left as it was found."""
+
+    _ADDED = ("start_flops_count", "stop_flops_count", "reset_flops_count", "compute_average_flops_cost",
+              "__batch_counter__")  # what tp's counter sets on the top module
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.measured: _Measured | None = None
+
+    def __enter__(self) -> "_Counting":
+        convs = layers_of(self.model)
+        self.calls, self.shape = dict.fromkeys(convs, 0), []
+        self.hooks = [m.register_forward_hook(lambda *_, n=n: self.calls.__setitem__(n, self.calls[n] + 1))
+                      for n, m in convs.items()]
+        self.hooks.append(self.model.register_forward_hook(lambda _m, _i, out: self.shape.append(_shapes(out))))
+        tp.utils.op_counter.add_flops_counting_methods(self.model)
+        self.model.start_flops_count(ost=None, verbose=False, ignore_list=[])
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        model = self.model
+        try:
+            if exc_type is None:
+                macs, params, layer_macs, layer_params = model.compute_average_flops_cost()
+                names = {m: n for n, m in model.named_modules()}
+                per_batch = macs / layer_macs[model] if layer_macs.get(model) else 1.0  # the total is per input
+                layers = {names[m]: (float(layer_macs[m] or 0) * per_batch, float(layer_params[m] or 0))
+                          for m in layer_macs if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))}
+                self.measured = _Measured(round(macs), int(params), layers, self.shape[0], self.calls)
+        finally:
+            model.stop_flops_count()
+            for h in self.hooks:
+                h.remove()
+            for attr in self._ADDED:
+                model.__dict__.pop(attr, None)
 
 
 def _prunable_share(cost: _CostModel, units: list[Unit]) -> tuple[float, float]:
@@ -282,10 +303,8 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
     if criterion in ("variance", "independence"):
         _filter_scores(report, {}, next(iter(report.layers)), criterion)  # a clear error before any work
     example_inputs = example_inputs.detach()
-    before = _measure(model, example_inputs)
-    _check_not_shared({n: k for n, k in before.calls.items() if n in report.layers or isinstance(convs0[n], nn.Conv2d)})
-
-    run = _Run(model, report, example_inputs, before, ignored, prune_residual, allocation, unit)
+    run = _Run(model, report, example_inputs, ignored, prune_residual, allocation, unit)
+    before = run.before
     plan = run.plan(target)
     work = run.apply(plan, criterion, seed)
     if unit != "filters":
@@ -320,12 +339,12 @@ class _Run:
     """One prune() call's state: a deep copy of the model, its traced graph and units, the
     cost model, and after :meth:`apply` the measured result."""
 
-    def __init__(self, model: nn.Module, report: AFIEReport, example_inputs: torch.Tensor, before: _Measured,
+    def __init__(self, model: nn.Module, report: AFIEReport, example_inputs: torch.Tensor,
                  ignored: list[str], prune_residual: bool, allocation: str, unit: str) -> None:
-        self.model, self.report, self.x, self.before = model, report, example_inputs, before
+        self.model, self.report, self.x = model, report, example_inputs
         self.ignored, self.prune_residual, self.allocation, self.unit = ignored, prune_residual, allocation, unit
         self.macs = self.params = 0
-        self._trace()
+        self._trace(count=True)
         if not self.units:
             linear_unscored = (any(isinstance(m, nn.Linear) for m in model.modules())
                                and not any(isinstance(self.layers.get(n), nn.Linear) for n in report.layers))
@@ -334,11 +353,18 @@ class _Run:
                              f"{_why_short(self.skipped, prune_residual)}{hint}")
         self.max_target = _max_target(self.units)
 
-    def _trace(self) -> None:
+    def _trace(self, count: bool = False) -> None:
+        """Trace a fresh copy of the model into its graph and units; the first time, the
+        same forward also measures the model (MACs, params, conv calls, output shape)."""
         self.work = copy.deepcopy(self.model)
         self.layers = layers_of(self.work)
-        with scoring_mode(self.work):  # eval while tracing: BN statistics must not move
+        counting = _Counting(self.work) if count else contextlib.nullcontext()
+        with scoring_mode(self.work), counting:  # eval while tracing: BN statistics must not move
             self.graph = build_graph(self.work, self.x)
+        if count:
+            self.before = counting.measured
+            _check_not_shared({n: k for n, k in self.before.calls.items()
+                               if n in self.report.layers or isinstance(self.layers[n], nn.Conv2d)})
         self.units, self.skipped = find_units(self.graph, self.report.layers, self.prune_residual,
                                               [self.layers[n] for n in self.ignored])
         self.cost = _CostModel(self.before, self.graph.names, self.units)
@@ -445,7 +471,9 @@ def _check_runs(model: nn.Module, example_inputs: torch.Tensor, shape: Any) -> t
     if empty:
         raise RuntimeError(f"afie_fast bug: pruning left {empty[:3]} with no filters; please report it")
     try:
-        after = _measure(model, example_inputs)
+        with _Counting(model) as counting, scoring_mode(model), torch.no_grad():
+            model(example_inputs)
+        after = counting.measured
     except RuntimeError as exc:
         raise RuntimeError(f"the pruned {type(model).__name__} does not run ({str(exc).splitlines()[0]}): its forward "
                            "couples channels in a way Torch-Pruning's graph does not see; pass the convs involved in "
