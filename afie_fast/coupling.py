@@ -229,29 +229,33 @@ def find_units(graph: Graph, layers: Iterable[str], prune_residual: bool,
                    and (isinstance(item.dep.target.module, nn.Conv2d) or names[item.dep.target.module] in layers)]
         if not members:
             continue
-        nodes = [item.dep.target for item in group]
-        if reason is not None:
-            pass
-        elif any(_changes_output(dg, item) for item in group):
-            reason = "its channels reach the model's output"
-        elif any(n in graph.opaque for n in nodes):
-            reason = next(graph.opaque[n] for n in nodes if n in graph.opaque)
-        elif not prune_residual and len(members) > 1 and any(
-                n.type == OPTYPE.ELEMENTWISE and type(n.grad_fn).__name__.startswith(("Add", "Sub")) for n in nodes):
-            reason = "residual stream (prune_residual=False)"
-        elif any(m[0] not in layers for m in members):
-            reason = "coupled to a conv outside the report"
-        n_channels = len(group[0].idxs)
-        g = max(_channel_groups(item.dep.target.module) for item in group)
-        if reason is None and g > 1:
-            # Mirrored cuts index channels by their position in the root's group layout.
-            identity = all(list(item.idxs) == list(item.root_idxs) for item in group
-                           if _channel_groups(item.dep.target.module) > 1)
-            if n_channels % g or not identity:
-                reason = "a grouped conv whose groups do not align with the coupled channels"
+        reason = reason or _why_whole(graph, group, members, layers, prune_residual)
         if reason is not None:
             skipped.update((m[0], reason) for m in members if m[0] in layers)
             continue
-        units.append(Unit(group[0].dep.target.module, group[0].dep.handler, members, n_channels, g,
+        g = max(_channel_groups(item.dep.target.module) for item in group)
+        units.append(Unit(group[0].dep.target.module, group[0].dep.handler, members, len(group[0].idxs), g,
                           _touched(dg, group)))
     return units, skipped
+
+
+def _why_whole(graph: Graph, group, members: list, layers: set[str], prune_residual: bool) -> str | None:
+    """Why a group must stay whole, or None when it can be cut."""
+    dg, nodes = graph.dg, [item.dep.target for item in group]
+    if any(_changes_output(dg, item) for item in group):
+        return "its channels reach the model's output"
+    if any(n in graph.opaque for n in nodes):
+        return next(graph.opaque[n] for n in nodes if n in graph.opaque)
+    if not prune_residual and len(members) > 1 and any(
+            n.type == OPTYPE.ELEMENTWISE and type(n.grad_fn).__name__.startswith(("Add", "Sub")) for n in nodes):
+        return "residual stream (prune_residual=False)"
+    if any(m[0] not in layers for m in members):
+        return "coupled to a conv outside the report"
+    g = max(_channel_groups(item.dep.target.module) for item in group)
+    if g > 1:
+        # Mirrored cuts index channels by their position in the root's group layout.
+        identity = all(list(item.idxs) == list(item.root_idxs) for item in group
+                       if _channel_groups(item.dep.target.module) > 1)
+        if len(group[0].idxs) % g or not identity:
+            return "a grouped conv whose groups do not align with the coupled channels"
+    return None

@@ -285,6 +285,26 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
         ValueError: a target out of reach, with the cause (the layers left whole and why)
             and the largest reachable target.
     """
+    criterion = _check_prune_args(model, target, unit, example_inputs, criterion, allocation)
+    convs0 = _check_report(model, report)
+    ignored = _ignored_names(ignored_layers, convs0)
+    if criterion in ("variance", "independence"):
+        _filter_scores(report, {}, next(iter(report.layers)), criterion)  # a clear error before any work
+    run = _Run(model, report, example_inputs.detach(), ignored, prune_residual, allocation, unit)
+    plan, work = run.reach(target, criterion, seed)
+    kept = {n: (report.layers[n].n_filters, width(run.layers[n])) for n in report.layers}
+    reached = plan.filters_removed if unit == "filters" else _check_reached(run, target, kept, prune_residual)
+    work.afie_fast_plan = run.saved_plan()
+    if calibrate is not None:
+        recalibrate_bn(work, calibrate)
+    share_macs, share_params = _prunable_share(run.cost, run.units)
+    stats = PruneStats(run.before.params, run.params, run.before.macs, run.macs, kept, unit, target, reached,
+                       plan.filter_target, criterion, run.skipped, share_macs, share_params)
+    return work, stats
+
+
+def _check_prune_args(model, target, unit, example_inputs, criterion, allocation) -> str:
+    """prune()'s arguments checked before any work; the criterion, defaulted."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     criterion = criterion or DEFAULT_CRITERION
@@ -298,41 +318,21 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
         raise ValueError(f"target must be a fraction in [0, 1), got {target!r}")
     if not isinstance(example_inputs, torch.Tensor):
         raise TypeError("example_inputs must be a tensor batch the model accepts, e.g. torch.randn(1, 3, 32, 32)")
-    convs0 = _check_report(model, report)
-    ignored = _ignored_names(ignored_layers, convs0)
-    if criterion in ("variance", "independence"):
-        _filter_scores(report, {}, next(iter(report.layers)), criterion)  # a clear error before any work
-    example_inputs = example_inputs.detach()
-    run = _Run(model, report, example_inputs, ignored, prune_residual, allocation, unit)
-    before = run.before
-    plan = run.plan(target)
-    work = run.apply(plan, criterion, seed)
-    if unit != "filters":
-        for _ in range(3):  # the cost model missed by more than 1%: aim off by the miss, on a fresh copy
-            if abs(run.reached - target) <= 0.01 or plan.filter_target >= run.max_target - 1e-6 and run.reached < target:
-                break
-            plan = run.plan(min(max(run.predicted(plan) + target - run.reached, 0.0), 1.0), fresh=True)
-            work = run.apply(plan, criterion, seed)
-    kept = {n: (report.layers[n].n_filters, width(run.layers[n])) for n in report.layers}
-    if unit == "filters":
-        reached = plan.filters_removed
-    else:
-        reached = run.reached
-        if reached < target - 0.01:
-            removed, total = sum(b - a for b, a in kept.values()), sum(b for b, _ in kept.values())
-            raise ValueError(f"a {unit} reduction of {target:.0%} is out of reach for this {type(model).__name__}: "
-                             f"the most is {reached:.1%} ({removed} of {total} filters removed, "
-                             f"{len(run.units)} prunable units); {_why_short(run.skipped, prune_residual)}")
-        if abs(reached - target) > 0.01:  # whole filters are too coarse in a small model
-            warnings.warn(f"{unit} reduction {reached:.1%} is the closest whole filters get to {target:.0%}",
-                          stacklevel=2)
-    work.afie_fast_plan = run.saved_plan()
-    if calibrate is not None:
-        recalibrate_bn(work, calibrate)
-    share_macs, share_params = _prunable_share(run.cost, run.units)
-    stats = PruneStats(before.params, run.params, before.macs, run.macs, kept, unit, target, reached,
-                       plan.filter_target, criterion, run.skipped, share_macs, share_params)
-    return work, stats
+    return criterion
+
+
+def _check_reached(run: "_Run", target: float, kept: dict[str, tuple[int, int]], prune_residual: bool) -> float:
+    """The measured FLOPs/params reduction: a ValueError if the target is out of reach,
+    a warning if whole filters land more than 1% off it."""
+    reached, unit = run.reached, run.unit
+    if reached < target - 0.01:
+        removed, total = sum(b - a for b, a in kept.values()), sum(b for b, _ in kept.values())
+        raise ValueError(f"a {unit} reduction of {target:.0%} is out of reach for this {type(run.model).__name__}: "
+                         f"the most is {reached:.1%} ({removed} of {total} filters removed, "
+                         f"{len(run.units)} prunable units); {_why_short(run.skipped, prune_residual)}")
+    if abs(reached - target) > 0.01:  # whole filters are too coarse in a small model
+        warnings.warn(f"{unit} reduction {reached:.1%} is the closest whole filters get to {target:.0%}", stacklevel=3)
+    return reached
 
 
 class _Run:
@@ -400,6 +400,20 @@ class _Run:
                 best = p
             lo, hi = (mid, hi) if self.predicted(p) < goal else (lo, mid)
         return best
+
+    def reach(self, target: float, criterion: str, seed: int) -> tuple[_Plan, nn.Module]:
+        """Plan, cut and measure; for FLOPs/params, re-aim on a fresh copy (up to 3 times)
+        while the cost model misses the measured reduction by more than 1%."""
+        plan = self.plan(target)
+        work = self.apply(plan, criterion, seed)
+        if self.unit == "filters":
+            return plan, work
+        for _ in range(3):
+            if abs(self.reached - target) <= 0.01 or plan.filter_target >= self.max_target - 1e-6 and self.reached < target:
+                break
+            plan = self.plan(min(max(self.predicted(plan) + target - self.reached, 0.0), 1.0), fresh=True)
+            work = self.apply(plan, criterion, seed)
+        return plan, work
 
     def apply(self, plan: _Plan, criterion: str, seed: int) -> nn.Module:
         """Cut the copy as planned, check it runs with the original's output shape, measure it."""
