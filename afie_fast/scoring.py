@@ -175,7 +175,8 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
             scored but never pruned.
         precision: products inside a batch on the CPU: "float32" (default; for float32
             activations, ~1e-6 relative, about twice as fast) or "float64". The
-            accumulated state is float64 on the CPU either way, float32 on CUDA.
+            accumulated state is float64 on the CPU either way; on CUDA it is float32
+            and the products run on the tensor cores as 3×TF32 (float32's accuracy).
         positions: the spatial positions of each conv output that enter its covariance:
             "all" (exact), an int P (per image at most P positions: a lattice of every
             s-th row and column, its offset changing from batch to batch), or "auto"

@@ -241,7 +241,7 @@ void comoments_merge(py::handle na_o, py::handle ma_o, py::handle m2a_o, py::han
       afie::cuda::comoments_merge(C, ptr<double>(na), ptr<float>(ma), ptr<float>(m2a), ptr<double>(nb), ptr<float>(mb), ptr<float>(m2b), ptr<double>(scratch), stream);
     return;
 #else
-    (void)stream;
+    (void)stream, (void)scratch_obj;
     no_cuda("comoments_merge");
 #endif
   }

@@ -220,3 +220,34 @@ def test_float32_products_nonfinite_leaves_state_unchanged(gen, threads):
         acc.update(y)
     after = acc.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("channels", [64, 300, 520])
+def test_same_result_whoever_runs_which_task(gen, channels, threads):
+    # The narrow and wide float32 paths and the fold hand out tasks to whichever worker is
+    # free; a busy thread beside them changes who runs what, never the bits of the result.
+    import threading
+
+    y = torch.randn(24, channels, 20, 20, generator=gen) + 3.0
+    stop = threading.Event()
+
+    def busy():
+        while not stop.is_set():
+            sum(range(1000))
+
+    def run():
+        acc = af.CovarianceAccumulator(channels, compute_dtype=torch.float32)
+        for part in y.split(8):
+            acc.update(part)
+        return acc.comoment, acc.mean
+
+    first = run()
+    spinner = threading.Thread(target=busy)
+    spinner.start()
+    try:
+        again = [run() for _ in range(4)]
+    finally:
+        stop.set()
+        spinner.join()
+    for m2, mean in again:
+        assert torch.equal(m2, first[0]) and torch.equal(mean, first[1])
