@@ -176,7 +176,8 @@ def test_cli_prune_on_a_model_it_cannot_prune_is_one_line(tmp_path):
         "    def forward(self, x):\n"
         "        return self.c(self.c(x)).mean((2, 3))\n")
     exe = shutil.which("afie-fast")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    # The model's module beside whatever path the package itself was found on.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
     run = lambda *a: subprocess.run([exe, *a], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     out = run("score", "shared_net:Net", "--input-shape", "3,8,8", "--data", "random", "--batches", "1", "--out", "r.json")
     assert out.returncode == 0, out.stderr
