@@ -5,6 +5,7 @@ torch's allocator and passes the caller's thread count and CUDA stream along.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 
@@ -57,11 +58,10 @@ def comoments_update(y: torch.Tensor, n: torch.Tensor, mean: torch.Tensor, m2: t
         floats = _C.cuda_workspace_floats(y.shape[1], y.numel() // y.shape[1])
         work = to_dlpack(torch.empty(floats, dtype=torch.float32, device=y.device))
     extra = [None if t is None else to_dlpack(t) for t in (scratch, rejected)]
-    if y.device.index == torch.cuda.current_device():
+    # Launch on the tensor's own device and its current stream (switching costs, so only when needed).
+    here = y.device.index == torch.cuda.current_device()
+    with contextlib.nullcontext() if here else torch.cuda.device(y.device):
         _C.comoments_update(*args, threads(), _stream(y), *extra, False, work)
-    else:  # launch on the tensor's own device and its current stream
-        with torch.cuda.device(y.device):
-            _C.comoments_update(*args, threads(), _stream(y), *extra, False, work)
 
 
 def comoments_merge(a: tuple, b: tuple, scratch: torch.Tensor | None = None) -> None:
