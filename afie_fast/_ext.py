@@ -29,7 +29,8 @@ except ImportError as exc:  # pragma: no cover - depends on how the package was 
     ) from exc
 
 __all__ = ["_C", "threads", "comoments_update", "comoments_merge", "eigh", "eigh_many", "singular_values",
-           "leave_one_out", "spectrum_entropy"]
+           "leave_one_out", "congruence", "congruence_reduced",
+           "spectrum_entropy"]
 
 
 def threads() -> int:
@@ -113,6 +114,24 @@ def leave_one_out(w: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     out = torch.empty(c, max(c - 1, 0), dtype=torch.float64)
     _C.leave_one_out(w.contiguous(), v.contiguous(), out, threads())
     return out
+
+
+def congruence(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """W A Wᵀ (C, C) for a symmetric a (K, K) and w (C, K), float64 on the CPU."""
+    a, w = (t.detach().to("cpu", torch.float64).contiguous() for t in (a, w))
+    out = torch.empty(w.shape[0], w.shape[0], dtype=torch.float64)
+    _C.congruence(a, w, out, threads())
+    return out
+
+
+def congruence_reduced(a: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For w (C, K), C ≥ K: (R A Rᵀ (K, K), diag(W A Wᵀ) (C,)), W = QR; the first has the
+    eigenvalues of W A Wᵀ but for C − K zeros. float64 on the CPU."""
+    a, w = (t.detach().to("cpu", torch.float64).contiguous() for t in (a, w))
+    m = torch.empty(a.shape[0], a.shape[0], dtype=torch.float64)
+    d = torch.empty(w.shape[0], dtype=torch.float64)
+    _C.congruence_reduced(a, w, m, d, threads())
+    return m, d
 
 
 def spectrum_entropy(s: torch.Tensor) -> float:

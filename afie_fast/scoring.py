@@ -12,6 +12,7 @@ from torch import nn
 from . import _ext
 from .accumulator import CovarianceAccumulator
 from .layers import Layer, layers_of, width
+from .observe import Observed
 from .positions import Lattice, resolve
 from .report import AFIEReport, LayerScore
 
@@ -92,22 +93,27 @@ def l1_scores(conv: Layer) -> torch.Tensor:
     return torch.linalg.vector_norm(conv.weight.detach().to("cpu").flatten(1), 1, dim=1).double()
 
 
-def activation_spectrum(w: torch.Tensor, eps: float = torch.finfo(torch.float64).eps) -> torch.Tensor:
+def activation_spectrum(w: torch.Tensor, eps: float = torch.finfo(torch.float64).eps,
+                        floor_of: torch.Tensor | None = None) -> torch.Tensor:
     """s_i = √max(e_i, 0) for the covariance eigenvalues e, with eigenvalues under the
     rounding floor C·ε·max e set to 0 (numpy's matrix_rank tolerance; ε of the precision
     the products were computed in): below it an eigenvalue is rounding noise, and its
-    square root (~√ε) would make AFIE depend on batch order and precision."""
-    floor = w.numel() * eps * w.max().clamp(min=0)
+    square root (~√ε) would make AFIE depend on batch order and precision. ``floor_of``:
+    the spectrum whose floor applies (default w's own)."""
+    ref = w if floor_of is None else floor_of
+    floor = ref.numel() * eps * ref.max().clamp(min=0)
     return torch.where(w > floor, w, torch.zeros_like(w)).sqrt()
 
 
 def independence_scores(cov: torch.Tensor, w: torch.Tensor, v: torch.Tensor,
                         eps: float = torch.finfo(torch.float64).eps) -> torch.Tensor:
     """Drop in Σ_i s_i (s = √eig Σ) when channel j is deleted: CHIP's channel independence
-    in covariance form, from the core's leave-one-out spectra."""
+    in covariance form, from the core's leave-one-out spectra. The submatrices' spectra
+    take the full spectrum's rounding floor: a rank-deficient covariance's noise
+    eigenvalues would otherwise add √noise to every channel's score."""
     if cov.shape[0] == 1:
         return activation_spectrum(w, eps)
-    return activation_spectrum(w, eps).sum() - _ext.leave_one_out(w, v).clamp(min=0).sqrt().sum(dim=1)
+    return activation_spectrum(w, eps).sum() - activation_spectrum(_ext.leave_one_out(w, v), eps, w).sum(dim=1)
 
 
 def _layer_score(name: str, layer: Layer, spectrum: torch.Tensor, filter_scores: dict[str, torch.Tensor],
@@ -202,12 +208,13 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
     criteria = _check_activation_args(loader, criteria, precision, max_batches, distributed)
     lattice = Lattice(resolve(positions), seed)
 
-    accs, n_batches, seconds = stream_activations(model, loader, convs, dev, max_batches, progress, input_fn,
+    observed = {n: Observed(c) for n, c in convs.items()}
+    accs, n_batches, seconds = stream_activations(model, loader, observed, dev, max_batches, progress, input_fn,
                                                   getattr(torch, precision), lattice)
     if distributed:
         for acc in accs.values():
             acc.all_reduce()
-    layer_scores = _activation_scores(convs, accs, criteria)
+    layer_scores = _activation_scores(observed, accs, criteria)
     meta.update(batches=n_batches, seconds=round(seconds, 3), positions=positions)
     report = AFIEReport(layer_scores, source="activations", meta=meta)
     if progress:
@@ -233,13 +240,13 @@ def _check_activation_args(loader, criteria, precision, max_batches, distributed
     return criteria
 
 
-def _activation_scores(convs: dict[str, Layer], accs: dict[str, CovarianceAccumulator],
+def _activation_scores(observed: dict[str, Observed], accs: dict[str, CovarianceAccumulator],
                        criteria: tuple[str, ...]) -> list[LayerScore]:
     """Covariances → spectra (one batched eigensolve) → AFIE and per-filter scores."""
-    covs = {}
+    moments = {}
     for name, acc in accs.items():
         try:
-            covs[name] = acc.covariance().to("cpu", torch.float64)
+            moments[name] = observed[name].moments(acc)
         except ValueError as exc:
             raise ValueError(f"layer {name!r}: {exc} (score it on more data)") from None
     # Eigenvalues in float32 arithmetic when the products were float32: they carry that
@@ -248,48 +255,50 @@ def _activation_scores(convs: dict[str, Layer], accs: dict[str, CovarianceAccumu
     product = {name: acc.product_dtype for name, acc in accs.items()}
     eps = {name: torch.finfo(dtype).eps for name, dtype in product.items()}
     single = all(dtype == torch.float32 for dtype in product.values())
-    mats = list(covs.values())
-    eigenvalues = dict(zip(covs, (w for w, _ in _ext.eigh_many(mats, single=single))))
-    pairs = dict(zip(covs, _ext.eigh_many(mats, vectors=True))) if "independence" in criteria else {}
+    solved = _ext.eigh_many([s for s, _, _ in moments.values()], single=single)
+    eigenvalues = {name: torch.cat([torch.zeros(zeros, dtype=torch.float64), w])
+                   for (name, (_, zeros, _)), (w, _) in zip(moments.items(), solved)}
+    covs = {name: observed[name].covariance(acc) for name, acc in accs.items()} if "independence" in criteria else {}
+    pairs = dict(zip(covs, _ext.eigh_many(list(covs.values()), vectors=True)))
     layer_scores = []
-    for name, conv in convs.items():
-        cov = covs[name]
+    for name, obs in observed.items():
         scores: dict[str, torch.Tensor] = {}
         if "l1" in criteria:
-            scores["l1"] = l1_scores(conv)
+            scores["l1"] = l1_scores(obs.layer)
         if "variance" in criteria:
-            scores["variance"] = cov.diagonal().clone()
+            scores["variance"] = moments[name][2]
         if name in pairs:
-            scores["independence"] = independence_scores(cov, *pairs[name], eps[name])
+            scores["independence"] = independence_scores(covs[name], *pairs[name], eps[name])
         spectrum = activation_spectrum(eigenvalues[name], eps[name])
-        layer_scores.append(_layer_score(name, conv, spectrum, scores, accs[name].count))
+        layer_scores.append(_layer_score(name, obs.layer, spectrum, scores, accs[name].count))
     return layer_scores
 
 
-def stream_activations(model: nn.Module, loader: Iterable, convs: dict[str, Layer], device: torch.device,
+def stream_activations(model: nn.Module, loader: Iterable, layers: dict[str, Observed], device: torch.device,
                        max_batches: int | None, progress: bool, input_fn,
                        compute_dtype: torch.dtype = torch.float32,
                        lattice: Lattice | None = None) -> tuple[dict[str, CovarianceAccumulator], int, float]:
-    """One pass over the loader with a forward hook on each conv feeding its accumulator
-    (with the positions the lattice picks; default all)."""
+    """One pass over the loader with a forward hook on each layer feeding its accumulator
+    what it observes (with the positions the lattice picks; default all)."""
     lattice = lattice or Lattice(None)
     acc_dtype = torch.float64 if device.type == "cpu" else torch.float32
-    accs = {n: CovarianceAccumulator(width(c), device=device, dtype=acc_dtype, compute_dtype=compute_dtype)
-            for n, c in convs.items()}
+    accs = {n: CovarianceAccumulator(o.channels, device=device, dtype=acc_dtype, compute_dtype=compute_dtype)
+            for n, o in layers.items()}
     batch_index = 0
 
     def hook_for(index: int, name: str):
-        def hook(module, _inputs, output):
+        def hook(module, args, kwargs, output):
+            y = layers[name].tensor(args, kwargs, output)
             if isinstance(module, nn.Linear):  # (..., C): every leading position is an observation
-                output = output.reshape(-1, output.shape[-1])
+                y = y.reshape(-1, y.shape[-1])
             elif output.dim() != 4:  # Conv2d also runs on an unbatched (C, H, W) input
                 raise ValueError(f"layer {name!r}, batch {batch_index}: the conv gave a {output.dim()}-D output "
                                  f"{tuple(output.shape)}; a batch of images is (N, C, H, W): add the batch "
                                  f"dimension (x.unsqueeze(0)) to an unbatched input")
             else:
-                output = lattice.view(output, index, batch_index)
+                y = lattice.view(y, index, batch_index)
             try:
-                accs[name].update(output)
+                accs[name].update(y)
             except ValueError as exc:
                 raise ValueError(f"layer {name!r}, batch {batch_index}: {exc}") from None
         return hook
@@ -301,7 +310,8 @@ def stream_activations(model: nn.Module, loader: Iterable, convs: dict[str, Laye
         total = min(total, max_batches)
     bar = tqdm(total=total, desc="afie_fast score", unit="batch", disable=not progress)
 
-    handles = [conv.register_forward_hook(hook_for(i, name)) for i, (name, conv) in enumerate(convs.items())]
+    handles = [o.layer.register_forward_hook(hook_for(i, name), with_kwargs=True)
+               for i, (name, o) in enumerate(layers.items())]
     start = time.perf_counter()
     try:
         with scoring_mode(model), torch.inference_mode():

@@ -3,8 +3,9 @@ on an idle machine and with one of the two cores busy in another process.
 
 Per model (random init, eval mode; 4 batches of 16 at 224², VGG-16/CIFAR 8 of 64 at 32²):
   forward MACs    every Conv2d and Linear of one batch
-  co-moment MACs  C(C+1)/2 per observation of every conv output, after score()'s default
-                  positions budget: what the covariances cost at the least
+  co-moment MACs  C(C+1)/2 per observation of every conv, after score()'s default positions
+                  budget, C the width it accumulates (a widening 1×1 conv's input): what
+                  the covariances cost at the least
   floor           1 + co-moment MACs / forward MACs: score()'s ratio if the co-moments ran
                   at the forward's MAC rate and nothing else cost anything
   idle, shared    score() / inference, medians of interleaved rounds; "shared": a busy
@@ -27,6 +28,7 @@ from torch import nn
 
 import afie_fast as af
 from afie_fast.models import ZOO
+from afie_fast.observe import Observed
 from afie_fast.positions import AUTO_POSITIONS, stride_for
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -57,8 +59,9 @@ def macs(model: nn.Module, x: torch.Tensor) -> tuple[float, float]:
     def hook(m, _i, y):
         if isinstance(m, nn.Conv2d):
             fwd[0] += y.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
-            n, c, h, w = y.shape
+            n, _, h, w = y.shape
             s = stride_for(h, w, AUTO_POSITIONS)
+            c = Observed(m).channels  # a widening 1×1 conv accumulates its input
             cov[0] += n * -(-h // s) * -(-w // s) * c * (c + 1) / 2
         else:
             fwd[0] += y.numel() * m.in_features

@@ -306,6 +306,38 @@ void leave_one_out(py::handle w_o, py::handle v_o, py::handle out_o, int threads
   afie::leave_one_out_cpu(C, wp, ptr<double>(v), ptr<double>(out), threads);
 }
 
+void congruence(py::handle a_o, py::handle w_o, py::handle out_o, int threads) {
+  Buffer a(a_o, "a"), w(w_o, "w"), out(out_o, "out");
+  a.expect_dtype(DType::f64), a.expect_cpu("congruence"), a.expect_contiguous();
+  if (a.ndim() != 2 || a.shape[0] != a.shape[1])
+    throw py::value_error("a: expected a square (K, K) matrix, got shape " + Buffer::fmt(a.shape));
+  const int64_t K = a.shape[0];
+  w.expect_dtype(DType::f64), w.expect_contiguous(), w.expect_same_device(a);
+  if (w.ndim() != 2 || w.shape[1] != K)
+    throw py::value_error("w: expected a (C, " + std::to_string(K) + ") matrix, got shape " + Buffer::fmt(w.shape));
+  const int64_t C = w.shape[0];
+  out.expect_dtype(DType::f64), out.expect_contiguous(), out.expect_same_device(a), out.expect_shape({C, C});
+  py::gil_scoped_release nogil;
+  afie::congruence_cpu(C, K, ptr<double>(a), ptr<double>(w), ptr<double>(out), threads);
+}
+
+void congruence_reduced(py::handle a_o, py::handle w_o, py::handle m_o, py::handle d_o, int threads) {
+  Buffer a(a_o, "a"), w(w_o, "w"), m(m_o, "m"), d(d_o, "d");
+  a.expect_dtype(DType::f64), a.expect_cpu("congruence_reduced"), a.expect_contiguous();
+  if (a.ndim() != 2 || a.shape[0] != a.shape[1])
+    throw py::value_error("a: expected a square (K, K) matrix, got shape " + Buffer::fmt(a.shape));
+  const int64_t K = a.shape[0];
+  w.expect_dtype(DType::f64), w.expect_contiguous(), w.expect_same_device(a);
+  if (w.ndim() != 2 || w.shape[1] != K || w.shape[0] < K)
+    throw py::value_error("w: expected a (C, " + std::to_string(K) + ") matrix with C >= " + std::to_string(K) +
+                          ", got shape " + Buffer::fmt(w.shape));
+  const int64_t C = w.shape[0];
+  m.expect_dtype(DType::f64), m.expect_contiguous(), m.expect_same_device(a), m.expect_shape({K, K});
+  d.expect_dtype(DType::f64), d.expect_contiguous(), d.expect_same_device(a), d.expect_shape({C});
+  py::gil_scoped_release nogil;
+  afie::congruence_reduced_cpu(C, K, ptr<double>(a), ptr<double>(w), ptr<double>(m), ptr<double>(d), threads);
+}
+
 double spectrum_entropy(py::handle s_o) {
   Buffer s(s_o, "s");
   s.expect_dtype(DType::f64), s.expect_cpu("spectrum_entropy"), s.expect_contiguous();
@@ -370,6 +402,12 @@ PYBIND11_MODULE(_C, m) {
         "Singular values (descending) of m [R, K] into s [min(R, K)].");
   m.def("leave_one_out", &leave_one_out, py::arg("w"), py::arg("v"), py::arg("out"), py::arg("threads") = 1,
         "Eigenvalues of every principal (C-1)x(C-1) submatrix, from eigenpairs w [C], v [C, C], into out [C, C-1].");
+  m.def("congruence", &congruence, py::arg("a"), py::arg("w"), py::arg("out"), py::arg("threads") = 1,
+        "out [C, C] = w a wT for a symmetric a [K, K] and w [C, K] (float64): the covariance of y = w x.");
+  m.def("congruence_reduced", &congruence_reduced, py::arg("a"), py::arg("w"), py::arg("m"), py::arg("d"),
+        py::arg("threads") = 1,
+        "For w [C, K], C >= K, and a symmetric a [K, K] (float64): m [K, K] = r a rT (w = q r), whose eigenvalues "
+        "are those of w a wT but for C - K zeros, and d [C] = the diagonal of w a wT.");
   m.def("spectrum_entropy", &spectrum_entropy, py::arg("s"), "AFIE entropy K of a spectrum s [p] (float64).");
   m.def("blas_info", &blas_info);
   m.def("gram_kernel", &afie::gram_kernel,

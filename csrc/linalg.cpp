@@ -188,4 +188,77 @@ void leave_one_out_cpu(int64_t C, const double* w, const double* v, double* out,
   parallel_for(C, threads, [&](int64_t j) { leave_one_out_row(C, w, v, j, out + j * (C - 1)); });
 }
 
+namespace {
+
+// Mirrors the mean of both triangles into both: exactly symmetric, so that every later
+// reader sees the same matrix whichever triangle it reads.
+void symmetrise(int64_t n, double* x) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = i + 1; j < n; ++j) x[j * n + i] = x[i * n + j] = 0.5 * (x[i * n + j] + x[j * n + i]);
+}
+
+// wa = W A (C×K, row-major). Row-major X is column-major Xᵀ, and (W A)ᵀ = A Wᵀ (A symmetric).
+std::vector<double> times_a(int64_t C, int64_t K, const double* a, const double* w) {
+  std::vector<double> wa(size_t(C) * K);
+  blas::gemm("N", "N", int(K), int(C), int(K), a, int(K), w, int(K), wa.data(), int(K));
+  return wa;
+}
+
+}  // namespace
+
+void congruence_cpu(int64_t C, int64_t K, const double* a, const double* w, double* out, int threads) {
+  if (C == 0) return;
+  if (K == 0) {
+    std::fill(out, out + C * C, 0.0);
+    return;
+  }
+  blas::use_threads(threads);  // once per layer after the pass: no hook-time core contention
+  const std::vector<double> wa = times_a(C, K, a, w);
+  blas::gemm("T", "N", int(C), int(C), int(K), wa.data(), int(K), w, int(K), out, int(C));  // (W A Wᵀ)ᵀ = W (W A)ᵀ
+  symmetrise(C, out);
+}
+
+void congruence_reduced_cpu(int64_t C, int64_t K, const double* a, const double* w, double* m, double* d,
+                            int threads) {
+  if (C < K) throw std::invalid_argument("congruence_reduced: needs C >= K");
+  if (K == 0) {
+    std::fill(d, d + C, 0.0);
+    return;
+  }
+  blas::use_threads(threads);
+  const std::vector<double> wa = times_a(C, K, a, w);
+  for (int64_t i = 0; i < C; ++i) {  // d_i = w_i · (A w_i)
+    double s = 0;
+    for (int64_t j = 0; j < K; ++j) s += wa[size_t(i) * K + j] * w[size_t(i) * K + j];
+    d[i] = s;
+  }
+  // R with RᵀR = G = WᵀW. The eigenvalues of W A Wᵀ but for zeros are those of
+  // A^½ G A^½, so they depend on W only through G: Cholesky's backward error in G is all
+  // that reaches them, however ill-conditioned W is. A singular G (an input channel no
+  // filter reads) takes the pivoted, rank-revealing Cholesky; R's other rows stay 0.
+  const int k = int(K);
+  std::vector<double> g(size_t(K) * K, 0.0), r(size_t(K) * K, 0.0);
+  blas::syrk("N", k, int(C), w, k, g.data(), k);  // column-major lower of (Wᵀ)(Wᵀ)ᵀ
+  std::vector<double> l = g;
+  int info = 0;
+  AFIE_BLAS(dpotrf_)("L", &k, l.data(), &k, &info, 1);
+  if (info == 0) {
+    for (int64_t i = 0; i < K; ++i)  // column-major lower L is row-major upper Lᵀ = R
+      for (int64_t j = i; j < K; ++j) r[size_t(i) * K + j] = l[size_t(i) * K + j];
+  } else {  // Pᵀ G P = L Lᵀ on the first `rank` columns: R = Lᵀ Pᵀ
+    l = g;
+    std::vector<int> piv(static_cast<size_t>(K));
+    std::vector<double> work(2 * size_t(K));
+    int rank = 0;
+    const double tol = -1;  // LAPACK's default: K · eps · max pivot
+    AFIE_BLAS(dpstrf_)("L", &k, l.data(), &k, piv.data(), &rank, &tol, work.data(), &info, 1);
+    if (info < 0) check_info(info, "dpstrf");
+    for (int64_t i = 0; i < rank; ++i)
+      for (int64_t j = i; j < K; ++j) r[size_t(i) * K + (piv[j] - 1)] = l[j + size_t(i) * K];
+  }
+  const std::vector<double> ra = times_a(K, K, a, r.data());
+  blas::gemm("T", "N", int(K), int(K), int(K), ra.data(), int(K), r.data(), int(K), m, int(K));
+  symmetrise(K, m);
+}
+
 }  // namespace afie

@@ -37,4 +37,22 @@ void leave_one_out_cpu(int64_t C,
                        double* out,      // [C, C − 1]
                        int threads);
 
+// out = W A Wᵀ for a symmetric K×K row-major A and a C×K row-major W: the covariance of
+// y = W x from the covariance A of x (exact; both triangles of out are written).
+void congruence_cpu(int64_t C, int64_t K,
+                    const double* a,  // [K, K]
+                    const double* w,  // [C, K]
+                    double* out,      // [C, C]
+                    int threads);
+
+// For C ≥ K: m = R A Rᵀ (K×K) with W = Q R (Householder QR, Q's columns orthonormal), whose
+// eigenvalues are those of W A Wᵀ but for C − K zeros (W A Wᵀ = Q m Qᵀ), and d = the
+// diagonal of W A Wᵀ. An eigensolve of K×K in place of C×C: (C/K)³ less work.
+void congruence_reduced_cpu(int64_t C, int64_t K,
+                            const double* a,  // [K, K]
+                            const double* w,  // [C, K]
+                            double* m,        // [K, K]
+                            double* d,        // [C]
+                            int threads);
+
 }  // namespace afie

@@ -84,3 +84,32 @@ def test_leave_one_out_deflation_and_indefinite(np_rng):
     for j in range(c):
         keep = np.delete(np.arange(c), j)
         np.testing.assert_allclose(out[j], np.linalg.eigvalsh(a[np.ix_(keep, keep)]), atol=1e-10 * np.abs(a).max())
+
+
+@pytest.mark.parametrize("c, k, dependent", [(40, 12, False), (40, 12, True), (13, 13, False), (9, 1, False)])
+def test_congruence_matches_numpy(np_rng, c, k, dependent):
+    """W A Wᵀ in full, and reduced: R A Rᵀ (RᵀR = WᵀW) has its eigenvalues but for c − k
+    zeros, also when W's columns are dependent (an unused input channel, two equal ones:
+    the pivoted Cholesky) and A is singular."""
+    x = np_rng.normal(size=(3 * k, k))
+    x[:, 0] = 0.0  # a dead input channel: A singular
+    a = np.cov(x, rowvar=False).reshape(k, k)
+    w = np_rng.normal(size=(c, k))
+    if dependent:
+        w[:, 2] = 0.0
+        w[:, 5] = w[:, 7]
+    full = w @ a @ w.T
+    out = _ext.congruence(torch.from_numpy(a), torch.from_numpy(w)).numpy()
+    np.testing.assert_allclose(out, full, rtol=0, atol=1e-12 * np.abs(full).max())
+    assert np.array_equal(out, out.T)
+    m, d = (t.numpy() for t in _ext.congruence_reduced(torch.from_numpy(a), torch.from_numpy(w)))
+    assert m.shape == (k, k) and np.array_equal(m, m.T)
+    np.testing.assert_allclose(d, np.diag(full), rtol=1e-12, atol=1e-14 * np.abs(full).max())
+    e = np.linalg.eigvalsh(full)
+    np.testing.assert_allclose(np.linalg.eigvalsh(m), e[c - k:], rtol=0, atol=1e-12 * e.max())
+    np.testing.assert_allclose(e[:c - k], 0.0, atol=1e-12 * e.max())
+
+
+def test_congruence_reduced_refuses_a_wide_w():
+    with pytest.raises(ValueError, match=r"w: expected a \(C, 5\) matrix with C >= 5"):
+        _ext.congruence_reduced(torch.eye(5, dtype=torch.float64), torch.ones(3, 5, dtype=torch.float64))

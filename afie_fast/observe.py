@@ -1,0 +1,75 @@
+"""What a layer's output covariance is accumulated from: the output itself, or, for a layer
+that maps a narrower input linearly at the same positions, that input.
+
+A 1×1 conv (unpadded, ungrouped) or a Linear layer computes y = W x + b position by
+position, so Σ_y = W Σ_x Wᵀ exactly: bias and mean drop out of a covariance. When x has
+fewer channels than y, accumulating x costs (C_in / C_out)² of accumulating y, and the
+mapping runs once after the pass. Bottleneck expansions (ResNet's 64 → 256 … 512 → 2048)
+and inverted-residual expansions (MobileNet, EfficientNet: C → 6C) are such layers; on
+ResNet-50 they held four fifths of the co-moment work.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _ext
+from .accumulator import CovarianceAccumulator
+from .layers import Layer, width
+
+
+def through_input(layer: Layer) -> bool:
+    """Whether ``layer``'s output covariance is computed from its input's (see the module doc)."""
+    if isinstance(layer, nn.Conv2d):
+        linear = (type(layer).forward is nn.Conv2d.forward and type(layer)._conv_forward is nn.Conv2d._conv_forward
+                  and layer.kernel_size == (1, 1) and layer.groups == 1
+                  and layer.padding in ((0, 0), "valid", "same"))
+        narrower = layer.in_channels < layer.out_channels
+    else:
+        linear = type(layer).forward is nn.Linear.forward
+        narrower = layer.in_features < layer.out_features
+    # A stock forward only (a subclass may transform its weight, as weight-standardised convs
+    # do), and finite weights, so that a NaN weight still surfaces as NaN outputs.
+    return linear and narrower and bool(torch.isfinite(layer.weight).all())
+
+
+class Observed:
+    """One layer's observations: which tensor its hook accumulates, and how that
+    tensor's covariance becomes the covariance of the layer's output."""
+
+    def __init__(self, layer: Layer) -> None:
+        self.layer = layer
+        self.via_input = through_input(layer)
+        if not self.via_input:
+            self.channels = width(layer)
+        else:
+            self.channels = layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
+
+    def tensor(self, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        """What the forward hook accumulates: the output, or the input at the output's positions."""
+        if not self.via_input:
+            return output
+        x = args[0] if args else kwargs["input"]
+        if isinstance(self.layer, nn.Conv2d) and x.dim() == 4:
+            sy, sx = self.layer.stride
+            x = x[:, :, ::sy, ::sx]  # a 1×1 kernel at stride s reads exactly these
+        return x
+
+    def _weight(self) -> torch.Tensor:
+        return self.layer.weight.detach().to("cpu", torch.float64).reshape(width(self.layer), -1)
+
+    def moments(self, acc: CovarianceAccumulator) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """(S, zeros, variances): the layer's output covariance has the eigenvalues of the
+        symmetric S and ``zeros`` zeros more, and the diagonal ``variances``. S is the
+        covariance itself, or for a layer observed through its C_in-wide input the
+        C_in × C_in matrix R Σ_x Rᵀ (W = QR): an eigensolve of C_in², not C_out²."""
+        cov = acc.covariance().to("cpu", torch.float64)
+        if not self.via_input:
+            return cov, 0, cov.diagonal().clone()
+        s, variances = _ext.congruence_reduced(cov, self._weight())
+        return s, width(self.layer) - self.channels, variances
+
+    def covariance(self, acc: CovarianceAccumulator) -> torch.Tensor:
+        """The layer's output covariance (C_out, C_out), float64 on the CPU."""
+        cov = acc.covariance().to("cpu", torch.float64)
+        return _ext.congruence(cov, self._weight()) if self.via_input else cov
