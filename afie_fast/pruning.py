@@ -187,6 +187,13 @@ class _Measured:
     calls: dict[str, int]
 
 
+def _counted_flops(module: nn.Module) -> float:
+    """Torch-Pruning's total: a module it counts gives its own count, any other the sum of its children's."""
+    if tp.utils.op_counter.is_supported_instance(module):
+        return float(module.__flops__ or 0)
+    return sum(_counted_flops(child) for child in module.children())
+
+
 class _Counting:
     """Counts what the forwards run inside it do, on the model itself (no copy): Torch-
     Pruning's MAC and param counter, each conv's calls, the output's shape. ``measured``
@@ -213,11 +220,14 @@ class _Counting:
         model = self.model
         try:
             if exc_type is None:
-                macs, params, layer_macs, layer_params = model.compute_average_flops_cost()
-                names = {m: n for n, m in model.named_modules()}
-                per_batch = macs / layer_macs[model] if layer_macs.get(model) else 1.0  # the total is per input
-                layers = {names[m]: (float(layer_macs[m] or 0) * per_batch, float(layer_params[m] or 0))
-                          for m in layer_macs if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))}
+                # What tp's compute_average_flops_cost returns, without its per-module
+                # parameter recount (quadratic in the depth of the module tree).
+                per_batch = 1.0 / max(model.__batch_counter__, 1)  # the totals are per input
+                layers = {n: (float(getattr(m, "__flops__", 0) or 0) * per_batch, float(sum(p.numel() for p in m.parameters())))
+                          for n, m in model.named_modules()
+                          if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))}
+                macs = _counted_flops(model) * per_batch
+                params = sum(p.numel() for p in model.parameters())
                 self.measured = _Measured(round(macs), int(params), layers, self.shape[0], self.calls)
         finally:
             model.stop_flops_count()
@@ -393,7 +403,9 @@ class _Run:
         best = make(hi)
         if self.predicted(best) < goal:
             return best
-        for _ in range(40):
+        # 24 halvings pin the filter fraction to 6e-8 of its range: far finer than one
+        # filter of any CNN, so more steps only repeat the same whole-filter plan.
+        for _ in range(24):
             mid = (lo + hi) / 2
             p = make(mid)
             if abs(self.predicted(p) - goal) < abs(self.predicted(best) - goal):
