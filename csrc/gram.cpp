@@ -28,9 +28,9 @@ __attribute__((target("avx2,fma"))) inline __m128 hsum4(__m256 a, __m256 b, __m2
 
 // A 3×Q tile that crosses the diagonal, the last column or i_end: only its entries in the
 // upper triangle, the matrix and the caller's rows are added to c.
-template <int Q>
-void add_edge_tile(const float (&tile)[3][Q], double* c, int64_t n, int64_t i0, int64_t j0, int64_t i_end) {
-  for (int64_t r = 0; r < 3 && i0 + r < i_end; ++r)
+template <int R, int Q>
+void add_edge_tile(const float (&tile)[R][Q], double* c, int64_t n, int64_t i0, int64_t j0, int64_t i_end) {
+  for (int64_t r = 0; r < R && i0 + r < i_end; ++r)
     for (int64_t q = std::max<int64_t>(0, i0 + r - j0); q < Q && j0 + q < n; ++q) c[(i0 + r) * n + j0 + q] += tile[r][q];
 }
 
@@ -74,59 +74,60 @@ __attribute__((target("avx2,fma"))) void gram_upper_add_avx2(const float* a, int
         }
         alignas(16) float tile[3][4];
         for (int64_t r = 0; r < 3; ++r) _mm_store_ps(tile[r], s[r]);
-        add_edge_tile<4>(tile, c, n, i0, j0, i_end);
+        add_edge_tile<3, 4>(tile, c, n, i0, j0, i_end);
       }
     }
   }
 }
 
-// The same sweep in 16-lane registers: 3×8 tiles, 24 accumulators, 3 rows of A and one
-// row of B (28 of the 32 registers); each step of 16 observations is 24 FMAs for 11
-// loads. Twice the products per instruction of the AVX2 kernel, on CPUs whose two FMA
-// ports take 512-bit operands.
+// The same sweep in 16-lane registers, in 6×4 tiles: 24 accumulators, 6 rows of A and
+// one row of B (31 of the 32 registers); each step of 16 observations is 24 FMAs for 10
+// loads. The 6 rows of A stay in L1 while the tile sweeps along j, so only the 4 rows of
+// B come from L2: a third of the L2 traffic per FMA of a 3×8 tile, which L2 could not
+// keep up with at two 512-bit FMAs a cycle.
 __attribute__((target("avx512f,avx512dq,avx2,fma"))) void gram_upper_add_avx512(const float* a, int64_t n, int64_t ld,
                                                                                double* c, int64_t i_begin,
                                                                                int64_t i_end) {
-  const int64_t block = std::max<int64_t>(8, (int64_t{1} << 18) / (4 * ld) / 8 * 8);  // 256 KiB of B
-  for (int64_t jb = i_begin / 8 * 8; jb < n; jb += block) {
+  constexpr int R = 6, Q = 4;
+  const int64_t block = std::max<int64_t>(Q, (int64_t{1} << 18) / (4 * ld) / Q * Q);  // 256 KiB of B
+  for (int64_t jb = i_begin / Q * Q; jb < n; jb += block) {
     const int64_t jb_end = std::min(n, jb + block);
-    for (int64_t i0 = i_begin; i0 < std::min(i_end, jb_end); i0 += 3) {
+    for (int64_t i0 = i_begin; i0 < std::min(i_end, jb_end); i0 += R) {
       const float* a0 = a + i0 * ld;
-      const float* a1 = a0 + ld;
-      const float* a2 = a1 + ld;
-      for (int64_t j0 = std::max(jb, i0 / 8 * 8); j0 < jb_end; j0 += 8) {
+      for (int64_t j0 = std::max(jb, i0 / Q * Q); j0 < jb_end; j0 += Q) {
         const float* b = a + j0 * ld;
-        __m512 acc[3][8];
+        __m512 acc[R][Q];
         for (auto& row : acc)
           for (auto& v : row) v = _mm512_setzero_ps();
         for (int64_t t = 0; t < ld; t += 16) {
-          const __m512 x0 = _mm512_loadu_ps(a0 + t), x1 = _mm512_loadu_ps(a1 + t), x2 = _mm512_loadu_ps(a2 + t);
-#pragma GCC unroll 8
-          for (int q = 0; q < 8; ++q) {
+          __m512 x[R];
+#pragma GCC unroll 6
+          for (int r = 0; r < R; ++r) x[r] = _mm512_loadu_ps(a0 + r * ld + t);
+#pragma GCC unroll 4
+          for (int q = 0; q < Q; ++q) {
             __m512 y = _mm512_loadu_ps(b + q * ld + t);
-            asm("" : "+v"(y));  // one load for three FMAs: GCC would fold it into each of them
-            acc[0][q] = _mm512_fmadd_ps(x0, y, acc[0][q]);
-            acc[1][q] = _mm512_fmadd_ps(x1, y, acc[1][q]);
-            acc[2][q] = _mm512_fmadd_ps(x2, y, acc[2][q]);
+            asm("" : "+v"(y));  // one load for six FMAs: GCC would fold it into each of them
+#pragma GCC unroll 6
+            for (int r = 0; r < R; ++r) acc[r][q] = _mm512_fmadd_ps(x[r], y, acc[r][q]);
           }
         }
-        __m256 s[3];
-        for (int r = 0; r < 3; ++r) {
-          __m256 h[8];
-          for (int q = 0; q < 8; ++q)
+        __m128 s[R];
+        for (int r = 0; r < R; ++r) {
+          __m256 h[Q];
+          for (int q = 0; q < Q; ++q)
             h[q] = _mm256_add_ps(_mm512_castps512_ps256(acc[r][q]), _mm512_extractf32x8_ps(acc[r][q], 1));
-          s[r] = _mm256_set_m128(hsum4(h[4], h[5], h[6], h[7]), hsum4(h[0], h[1], h[2], h[3]));
+          s[r] = hsum4(h[0], h[1], h[2], h[3]);
         }
-        if (j0 >= i0 + 2 && j0 + 8 <= n && i0 + 3 <= i_end) {  // wholly inside the upper triangle and the rows
-          for (int64_t r = 0; r < 3; ++r) {
+        if (j0 >= i0 + R - 1 && j0 + Q <= n && i0 + R <= i_end) {  // wholly inside the upper triangle and the rows
+          for (int64_t r = 0; r < R; ++r) {
             double* out = c + (i0 + r) * n + j0;
-            _mm512_storeu_pd(out, _mm512_add_pd(_mm512_loadu_pd(out), _mm512_cvtps_pd(s[r])));
+            _mm256_storeu_pd(out, _mm256_add_pd(_mm256_loadu_pd(out), _mm256_cvtps_pd(s[r])));
           }
           continue;
         }
-        alignas(32) float tile[3][8];
-        for (int64_t r = 0; r < 3; ++r) _mm256_store_ps(tile[r], s[r]);
-        add_edge_tile<8>(tile, c, n, i0, j0, i_end);
+        alignas(16) float tile[R][Q];
+        for (int64_t r = 0; r < R; ++r) _mm_store_ps(tile[r], s[r]);
+        add_edge_tile<R, Q>(tile, c, n, i0, j0, i_end);
       }
     }
   }

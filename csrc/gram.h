@@ -14,7 +14,7 @@ namespace afie {
 
 // Rows a block must be padded to (with zero rows) and the multiple its row length must
 // have (zero columns past the data): the kernel works in whole 3×4 tiles of 8-wide rows
-// (AVX2) or 3×8 tiles of 16-wide rows (AVX-512).
+// (AVX2) or 6×4 tiles of 16-wide rows (AVX-512).
 constexpr int64_t kGramRows = 24;
 constexpr int64_t kGramCols = 16;
 
@@ -30,7 +30,7 @@ const char* gram_kernel();
 // lanes per entry, and each call's sums are added to c in double. Calls on disjoint row
 // ranges write disjoint rows of c; i_begin must be a multiple of kGramTile (the rows of
 // one tile), and i_end too unless it is n.
-constexpr int64_t kGramTile = 3;
+constexpr int64_t kGramTile = 6;
 void gram_upper_add(const float* a, int64_t n, int64_t ld, double* c, int64_t i_begin, int64_t i_end);
 
 // One run of a chunk's observations that lie at stride 1 in memory: element offset of
