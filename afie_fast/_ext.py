@@ -124,14 +124,15 @@ def congruence(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def congruence_reduced(a: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For w (C, K), C ≥ K: (R A Rᵀ (K, K), diag(W A Wᵀ) (C,)), W = QR; the first has the
-    eigenvalues of W A Wᵀ but for C − K zeros. float64 on the CPU."""
-    a, w = (t.detach().to("cpu", torch.float64).contiguous() for t in (a, w))
-    m = torch.empty(a.shape[0], a.shape[0], dtype=torch.float64)
-    d = torch.empty(w.shape[0], dtype=torch.float64)
-    _C.congruence_reduced(a, w, m, d, threads())
-    return m, d
+def congruence_reduced(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each (a (K, K) symmetric, w (C, K)), C ≥ K: (R A Rᵀ (K, K), diag(W A Wᵀ) (C,)) with
+    RᵀR = WᵀW; the first has the eigenvalues of W A Wᵀ but for C − K zeros. float64 CPU,
+    all pairs in one call, the costliest first over the threads."""
+    pairs = [tuple(t.detach().to("cpu", torch.float64).contiguous() for t in p) for p in pairs]
+    ms = [torch.empty(a.shape[0], a.shape[0], dtype=torch.float64) for a, _ in pairs]
+    ds = [torch.empty(w.shape[0], dtype=torch.float64) for _, w in pairs]
+    _C.congruence_reduced([a for a, _ in pairs], [w for _, w in pairs], ms, ds, threads())
+    return list(zip(ms, ds))
 
 
 def spectrum_entropy(s: torch.Tensor) -> float:

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from . import _ext
-from .accumulator import CovarianceAccumulator
 from .layers import Layer, width
 
 
@@ -55,21 +54,24 @@ class Observed:
             x = x[:, :, ::sy, ::sx]  # a 1×1 kernel at stride s reads exactly these
         return x
 
-    def _weight(self) -> torch.Tensor:
+    def weight(self) -> torch.Tensor:
+        """W (C_out, C_in), float64 on the CPU."""
         return self.layer.weight.detach().to("cpu", torch.float64).reshape(width(self.layer), -1)
 
-    def moments(self, acc: CovarianceAccumulator) -> tuple[torch.Tensor, int, torch.Tensor]:
-        """(S, zeros, variances): the layer's output covariance has the eigenvalues of the
-        symmetric S and ``zeros`` zeros more, and the diagonal ``variances``. S is the
-        covariance itself, or for a layer observed through its C_in-wide input the
-        C_in × C_in matrix R Σ_x Rᵀ (W = QR): an eigensolve of C_in², not C_out²."""
-        cov = acc.covariance().to("cpu", torch.float64)
-        if not self.via_input:
-            return cov, 0, cov.diagonal().clone()
-        s, variances = _ext.congruence_reduced(cov, self._weight())
-        return s, width(self.layer) - self.channels, variances
+    def output_covariance(self, cov: torch.Tensor) -> torch.Tensor:
+        """The layer's output covariance (C_out, C_out) from the covariance of what it observed."""
+        return _ext.congruence(cov, self.weight()) if self.via_input else cov
 
-    def covariance(self, acc: CovarianceAccumulator) -> torch.Tensor:
-        """The layer's output covariance (C_out, C_out), float64 on the CPU."""
-        cov = acc.covariance().to("cpu", torch.float64)
-        return _ext.congruence(cov, self._weight()) if self.via_input else cov
+
+def output_moments(observed: dict[str, Observed], covs: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, int, torch.Tensor]]:
+    """Per layer (S, zeros, variances), from the covariance of what it observed: its output
+    covariance has the eigenvalues of the symmetric S and ``zeros`` zeros more, and the
+    diagonal ``variances``. S is that covariance itself, or for a layer observed through
+    its C_in-wide input the C_in × C_in matrix R Σ_x Rᵀ (RᵀR = WᵀW; all such layers in one
+    core call): an eigensolve of C_in², not C_out²."""
+    out = {name: (cov, 0, cov.diagonal().clone()) for name, cov in covs.items() if not observed[name].via_input}
+    routed = [name for name in covs if observed[name].via_input]
+    reduced = _ext.congruence_reduced([(covs[n], observed[n].weight()) for n in routed])
+    for name, (s, variances) in zip(routed, reduced):
+        out[name] = (s, width(observed[name].layer) - observed[name].channels, variances)
+    return {name: out[name] for name in covs}

@@ -12,7 +12,7 @@ from torch import nn
 from . import _ext
 from .accumulator import CovarianceAccumulator
 from .layers import Layer, layers_of, width
-from .observe import Observed
+from .observe import Observed, output_moments
 from .positions import Lattice, resolve
 from .report import AFIEReport, LayerScore
 
@@ -243,12 +243,13 @@ def _check_activation_args(loader, criteria, precision, max_batches, distributed
 def _activation_scores(observed: dict[str, Observed], accs: dict[str, CovarianceAccumulator],
                        criteria: tuple[str, ...]) -> list[LayerScore]:
     """Covariances → spectra (one batched eigensolve) → AFIE and per-filter scores."""
-    moments = {}
+    observed_covs = {}
     for name, acc in accs.items():
         try:
-            moments[name] = observed[name].moments(acc)
+            observed_covs[name] = acc.covariance().to("cpu", torch.float64)
         except ValueError as exc:
             raise ValueError(f"layer {name!r}: {exc} (score it on more data)") from None
+    moments = output_moments(observed, observed_covs)
     # Eigenvalues in float32 arithmetic when the products were float32: they carry that
     # rounding already, and wide layers solve twice as fast. "independence" needs accurate
     # eigenvectors: a float64 solve of its own, so that AFIE never depends on criteria.
@@ -258,7 +259,8 @@ def _activation_scores(observed: dict[str, Observed], accs: dict[str, Covariance
     solved = _ext.eigh_many([s for s, _, _ in moments.values()], single=single)
     eigenvalues = {name: torch.cat([torch.zeros(zeros, dtype=torch.float64), w])
                    for (name, (_, zeros, _)), (w, _) in zip(moments.items(), solved)}
-    covs = {name: observed[name].covariance(acc) for name, acc in accs.items()} if "independence" in criteria else {}
+    covs = ({name: observed[name].output_covariance(cov) for name, cov in observed_covs.items()}
+            if "independence" in criteria else {})
     pairs = dict(zip(covs, _ext.eigh_many(list(covs.values()), vectors=True)))
     layer_scores = []
     for name, obs in observed.items():

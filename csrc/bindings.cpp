@@ -321,21 +321,33 @@ void congruence(py::handle a_o, py::handle w_o, py::handle out_o, int threads) {
   afie::congruence_cpu(C, K, ptr<double>(a), ptr<double>(w), ptr<double>(out), threads);
 }
 
-void congruence_reduced(py::handle a_o, py::handle w_o, py::handle m_o, py::handle d_o, int threads) {
-  Buffer a(a_o, "a"), w(w_o, "w"), m(m_o, "m"), d(d_o, "d");
-  a.expect_dtype(DType::f64), a.expect_cpu("congruence_reduced"), a.expect_contiguous();
-  if (a.ndim() != 2 || a.shape[0] != a.shape[1])
-    throw py::value_error("a: expected a square (K, K) matrix, got shape " + Buffer::fmt(a.shape));
-  const int64_t K = a.shape[0];
-  w.expect_dtype(DType::f64), w.expect_contiguous(), w.expect_same_device(a);
-  if (w.ndim() != 2 || w.shape[1] != K || w.shape[0] < K)
-    throw py::value_error("w: expected a (C, " + std::to_string(K) + ") matrix with C >= " + std::to_string(K) +
-                          ", got shape " + Buffer::fmt(w.shape));
-  const int64_t C = w.shape[0];
-  m.expect_dtype(DType::f64), m.expect_contiguous(), m.expect_same_device(a), m.expect_shape({K, K});
-  d.expect_dtype(DType::f64), d.expect_contiguous(), d.expect_same_device(a), d.expect_shape({C});
+void congruence_reduced(py::list a_l, py::list w_l, py::list m_l, py::list d_l, int threads) {
+  if (w_l.size() != a_l.size() || m_l.size() != a_l.size() || d_l.size() != a_l.size())
+    throw py::value_error("congruence_reduced: a, w, m and d must be lists of the same length");
+  std::vector<std::unique_ptr<Buffer>> held;  // borrowed views stay alive while BLAS runs
+  std::vector<afie::CongruenceJob> jobs;
+  for (size_t i = 0; i < a_l.size(); ++i) {
+    const std::string at = "a[" + std::to_string(i) + "]", wt = "w[" + std::to_string(i) + "]",
+                      mt = "m[" + std::to_string(i) + "]", dt = "d[" + std::to_string(i) + "]";
+    auto& a = *held.emplace_back(std::make_unique<Buffer>(a_l[i], at.c_str()));
+    a.expect_dtype(DType::f64), a.expect_cpu("congruence_reduced"), a.expect_contiguous();
+    if (a.ndim() != 2 || a.shape[0] != a.shape[1])
+      throw py::value_error(at + ": expected a square (K, K) matrix, got shape " + Buffer::fmt(a.shape));
+    const int64_t K = a.shape[0];
+    auto& w = *held.emplace_back(std::make_unique<Buffer>(w_l[i], wt.c_str()));
+    w.expect_dtype(DType::f64), w.expect_contiguous(), w.expect_same_device(a);
+    if (w.ndim() != 2 || w.shape[1] != K || w.shape[0] < K)
+      throw py::value_error(wt + ": expected a (C, " + std::to_string(K) + ") matrix with C >= " + std::to_string(K) +
+                            ", got shape " + Buffer::fmt(w.shape));
+    const int64_t C = w.shape[0];
+    auto& m = *held.emplace_back(std::make_unique<Buffer>(m_l[i], mt.c_str()));
+    m.expect_dtype(DType::f64), m.expect_contiguous(), m.expect_same_device(a), m.expect_shape({K, K});
+    auto& d = *held.emplace_back(std::make_unique<Buffer>(d_l[i], dt.c_str()));
+    d.expect_dtype(DType::f64), d.expect_contiguous(), d.expect_same_device(a), d.expect_shape({C});
+    jobs.push_back({C, K, ptr<double>(a), ptr<double>(w), ptr<double>(m), ptr<double>(d)});
+  }
   py::gil_scoped_release nogil;
-  afie::congruence_reduced_cpu(C, K, ptr<double>(a), ptr<double>(w), ptr<double>(m), ptr<double>(d), threads);
+  afie::congruence_reduced_cpu(jobs, threads);
 }
 
 double spectrum_entropy(py::handle s_o) {
@@ -406,8 +418,9 @@ PYBIND11_MODULE(_C, m) {
         "out [C, C] = w a wT for a symmetric a [K, K] and w [C, K] (float64): the covariance of y = w x.");
   m.def("congruence_reduced", &congruence_reduced, py::arg("a"), py::arg("w"), py::arg("m"), py::arg("d"),
         py::arg("threads") = 1,
-        "For w [C, K], C >= K, and a symmetric a [K, K] (float64): m [K, K] = r a rT (w = q r), whose eigenvalues "
-        "are those of w a wT but for C - K zeros, and d [C] = the diagonal of w a wT.");
+        "For each w[i] [C, K], C >= K, and symmetric a[i] [K, K] (lists, float64): m[i] [K, K] = r a rT (rT r = "
+        "wT w), whose eigenvalues are those of w a wT but for C - K zeros, and d[i] [C] = the diagonal of w a wT; "
+        "costliest first over the threads.");
   m.def("spectrum_entropy", &spectrum_entropy, py::arg("s"), "AFIE entropy K of a spectrum s [p] (float64).");
   m.def("blas_info", &blas_info);
   m.def("gram_kernel", &afie::gram_kernel,

@@ -52,23 +52,17 @@ struct Syevd {
 
 template <class T>
 void eigh_jobs(const std::vector<EighJob>& jobs, int threads) {
-  std::vector<size_t> order(jobs.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  // Widest first, each worker taking the next job when free: the longest-processing-time
-  // rule, so one wide matrix does not run alone at the end.
-  std::stable_sort(order.begin(), order.end(), [&](size_t x, size_t y) { return jobs[x].C > jobs[y].C; });
-  std::atomic<size_t> next{0};
+  std::vector<std::unique_ptr<Syevd<T>>> solvers(size_t(std::max(threads, 1)));  // one per worker, reused
   blas::use_threads(1);
-  fork_join(std::min<int64_t>(std::max(threads, 1), int64_t(jobs.size())), [&](int64_t) {
-    std::unique_ptr<Syevd<T>> solve;
-    for (size_t q; (q = next.fetch_add(1)) < order.size();) {
-      const EighJob& job = jobs[order[q]];
-      if (job.C == 0) continue;
-      if (!solve || solve->n != job.C || solve->vectors != (job.v != nullptr))
-        solve = std::make_unique<Syevd<T>>(int(job.C), job.v != nullptr);
-      (*solve)(job.a, job.w, job.v);
-    }
-  });
+  for_each_costliest_first(int64_t(jobs.size()), threads, [&](int64_t i) { return jobs[size_t(i)].C; },
+                           [&](int64_t i, int64_t worker) {
+                             const EighJob& job = jobs[size_t(i)];
+                             if (job.C == 0) return;
+                             auto& solve = solvers[size_t(worker)];
+                             if (!solve || solve->n != job.C || solve->vectors != (job.v != nullptr))
+                               solve = std::make_unique<Syevd<T>>(int(job.C), job.v != nullptr);
+                             (*solve)(job.a, job.w, job.v);
+                           });
 }
 
 // The root of Σ_i z_i / (e_i − x) = 0 strictly between the poles e[k] < e[k+1] (e holds
@@ -212,25 +206,29 @@ void congruence_cpu(int64_t C, int64_t K, const double* a, const double* w, doub
     std::fill(out, out + C * C, 0.0);
     return;
   }
-  blas::use_threads(threads);  // once per layer after the pass: no hook-time core contention
+  // Single-threaded like every BLAS call here: OpenBLAS's pooled workers would spin on
+  // after it and take a core from whatever runs next (parallel.h).
+  (void)threads;
+  blas::use_threads(1);
   const std::vector<double> wa = times_a(C, K, a, w);
   blas::gemm("T", "N", int(C), int(C), int(K), wa.data(), int(K), w, int(K), out, int(C));  // (W A Wᵀ)ᵀ = W (W A)ᵀ
   symmetrise(C, out);
 }
 
-void congruence_reduced_cpu(int64_t C, int64_t K, const double* a, const double* w, double* m, double* d,
-                            int threads) {
-  if (C < K) throw std::invalid_argument("congruence_reduced: needs C >= K");
+namespace {
+
+void congruence_reduced_one(const CongruenceJob& job) {
+  const int64_t C = job.C, K = job.K;
+  const double *a = job.a, *w = job.w;
   if (K == 0) {
-    std::fill(d, d + C, 0.0);
+    std::fill(job.d, job.d + C, 0.0);
     return;
   }
-  blas::use_threads(threads);
   const std::vector<double> wa = times_a(C, K, a, w);
   for (int64_t i = 0; i < C; ++i) {  // d_i = w_i · (A w_i)
     double s = 0;
     for (int64_t j = 0; j < K; ++j) s += wa[size_t(i) * K + j] * w[size_t(i) * K + j];
-    d[i] = s;
+    job.d[i] = s;
   }
   // R with RᵀR = G = WᵀW. The eigenvalues of W A Wᵀ but for zeros are those of
   // A^½ G A^½, so they depend on W only through G: Cholesky's backward error in G is all
@@ -257,8 +255,19 @@ void congruence_reduced_cpu(int64_t C, int64_t K, const double* a, const double*
       for (int64_t j = i; j < K; ++j) r[size_t(i) * K + (piv[j] - 1)] = l[j + size_t(i) * K];
   }
   const std::vector<double> ra = times_a(K, K, a, r.data());
-  blas::gemm("T", "N", int(K), int(K), int(K), ra.data(), int(K), r.data(), int(K), m, int(K));
-  symmetrise(K, m);
+  blas::gemm("T", "N", int(K), int(K), int(K), ra.data(), int(K), r.data(), int(K), job.m, int(K));
+  symmetrise(K, job.m);
+}
+
+}  // namespace
+
+void congruence_reduced_cpu(const std::vector<CongruenceJob>& jobs, int threads) {
+  for (const CongruenceJob& job : jobs)
+    if (job.C < job.K) throw std::invalid_argument("congruence_reduced: needs C >= K");
+  blas::use_threads(1);
+  for_each_costliest_first(
+      int64_t(jobs.size()), threads, [&](int64_t i) { return double(jobs[size_t(i)].C) * double(jobs[size_t(i)].K) * double(jobs[size_t(i)].K); },
+      [&](int64_t i, int64_t) { congruence_reduced_one(jobs[size_t(i)]); });
 }
 
 }  // namespace afie

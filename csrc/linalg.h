@@ -45,14 +45,20 @@ void congruence_cpu(int64_t C, int64_t K,
                     double* out,      // [C, C]
                     int threads);
 
-// For C ≥ K: m = R A Rᵀ (K×K) with W = Q R (Householder QR, Q's columns orthonormal), whose
-// eigenvalues are those of W A Wᵀ but for C − K zeros (W A Wᵀ = Q m Qᵀ), and d = the
-// diagonal of W A Wᵀ. An eigensolve of K×K in place of C×C: (C/K)³ less work.
-void congruence_reduced_cpu(int64_t C, int64_t K,
-                            const double* a,  // [K, K]
-                            const double* w,  // [C, K]
-                            double* m,        // [K, K]
-                            double* d,        // [C]
-                            int threads);
+// One reduced congruence, for C ≥ K: m = R A Rᵀ (K×K) with RᵀR = WᵀW, whose eigenvalues
+// are those of W A Wᵀ but for C − K zeros (W = Q R with Q's columns orthonormal, so
+// W A Wᵀ = Q m Qᵀ), and d = the diagonal of W A Wᵀ. An eigensolve of K×K in place of
+// C×C: (C/K)³ less work.
+struct CongruenceJob {
+  int64_t C, K;
+  const double* a;  // [K, K], symmetric
+  const double* w;  // [C, K]
+  double* m;        // [K, K]
+  double* d;        // [C]
+};
+
+// Runs every job, the costliest first, on up to `threads` workers that each take the next
+// job as they finish and call BLAS single-threaded (as eigh_cpu does).
+void congruence_reduced_cpu(const std::vector<CongruenceJob>& jobs, int threads);
 
 }  // namespace afie

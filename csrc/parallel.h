@@ -7,6 +7,7 @@
 // them for the cores). Without OpenMP, plain std::threads.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <exception>
 #include <mutex>
@@ -50,6 +51,20 @@ void parallel_for(int64_t count, int threads, F&& f) {
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(threads, count));
   fork_join(workers, [&](int64_t t) {
     for (int64_t i = t * count / workers; i < (t + 1) * count / workers; ++i) f(i);
+  });
+}
+
+// Runs f(job, worker) for every job in [0, count), the costliest first, on up to `threads`
+// workers that each take the next job as they finish: the longest-processing-time rule,
+// so that one big job does not run alone at the end.
+template <class Cost, class F>
+void for_each_costliest_first(int64_t count, int threads, Cost&& cost, F&& f) {
+  std::vector<int64_t> order(size_t(std::max<int64_t>(count, 0)));
+  for (int64_t i = 0; i < count; ++i) order[size_t(i)] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return cost(x) > cost(y); });
+  std::atomic<size_t> next{0};
+  fork_join(std::min<int64_t>(std::max(threads, 1), count), [&](int64_t worker) {
+    for (size_t q; (q = next.fetch_add(1)) < order.size();) f(order[q], worker);
   });
 }
 

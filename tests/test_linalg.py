@@ -102,7 +102,7 @@ def test_congruence_matches_numpy(np_rng, c, k, dependent):
     out = _ext.congruence(torch.from_numpy(a), torch.from_numpy(w)).numpy()
     np.testing.assert_allclose(out, full, rtol=0, atol=1e-12 * np.abs(full).max())
     assert np.array_equal(out, out.T)
-    m, d = (t.numpy() for t in _ext.congruence_reduced(torch.from_numpy(a), torch.from_numpy(w)))
+    [(m, d)] = [(m.numpy(), d.numpy()) for m, d in _ext.congruence_reduced([(torch.from_numpy(a), torch.from_numpy(w))])]
     assert m.shape == (k, k) and np.array_equal(m, m.T)
     np.testing.assert_allclose(d, np.diag(full), rtol=1e-12, atol=1e-14 * np.abs(full).max())
     e = np.linalg.eigvalsh(full)
@@ -111,5 +111,18 @@ def test_congruence_matches_numpy(np_rng, c, k, dependent):
 
 
 def test_congruence_reduced_refuses_a_wide_w():
-    with pytest.raises(ValueError, match=r"w: expected a \(C, 5\) matrix with C >= 5"):
-        _ext.congruence_reduced(torch.eye(5, dtype=torch.float64), torch.ones(3, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"w\[1\]: expected a \(C, 5\) matrix with C >= 5"):
+        _ext.congruence_reduced([(torch.eye(5, dtype=torch.float64), torch.ones(6, 5, dtype=torch.float64)),
+                                 (torch.eye(5, dtype=torch.float64), torch.ones(3, 5, dtype=torch.float64))])
+
+
+def test_congruence_reduced_many_at_once_equal_each_alone(np_rng):
+    """One call over mixed sizes (the costliest first over the threads) gives each job's own result."""
+    pairs = []
+    for c, k in [(30, 4), (64, 32), (9, 9), (120, 40), (17, 2)]:
+        x = np_rng.normal(size=(2 * k + 3, k))
+        pairs.append((torch.from_numpy(np.cov(x, rowvar=False).reshape(k, k)), torch.from_numpy(np_rng.normal(size=(c, k)))))
+    together = _ext.congruence_reduced(pairs)
+    for pair, (m, d) in zip(pairs, together):
+        [(m1, d1)] = _ext.congruence_reduced([pair])
+        assert torch.equal(m, m1) and torch.equal(d, d1)
