@@ -163,8 +163,10 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
         loader: an iterable of batches (a tensor, a tuple/list whose first tensor is the
             input, or a dict with "input"). Needed for ``source="activations"``.
         source: "activations" (default with a loader): spectrum of each layer's output
-            covariance over the loader; "weights" (default without one): the paper's
-            data-free spectrum of the kernel-averaged weights.
+            covariance over the loader (a widening 1×1 conv or Linear accumulates its
+            narrower input x and maps it, Σ_y = W Σ_x Wᵀ: exact, and (C_in/C_out)² of
+            the work); "weights" (default without one): the paper's data-free spectrum
+            of the kernel-averaged weights.
         layers: Conv2d names, or a predicate ``(name, module) -> bool``; default all.
         max_batches: stop after this many batches.
         device: where the model runs; default the device of its parameters.

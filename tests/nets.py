@@ -232,3 +232,24 @@ class ConvNeXtBlock(nn.Module):
 
 MOTIFS = {"conv_head": ConvHead, "seg_head": SegHead, "shuffle": ShuffleNetBlock, "ghost": GhostBlock,
           "mixconv": MixConv, "resnext": ResNeXtBlock}
+
+
+class Expansions(nn.Module):
+    """1×1 expansions at stride 1 and 2 (odd map: the stride's last row and column count),
+    a reduction, and a ConvNeXt-style Linear expansion on channels-last features."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.expand = nn.Conv2d(6, 24, 1)
+        self.down = nn.Conv2d(6, 20, 1, stride=2, bias=False)
+        self.reduce = nn.Conv2d(24, 6, 1)
+        self.fc1 = nn.Linear(6, 30)
+        self.head = nn.Linear(30 + 20, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = self.reduce(torch.relu(self.expand(x))) + x
+        d = self.down(y)
+        h = self.fc1(y.permute(0, 2, 3, 1))
+        return self.head(torch.cat([h.mean(dim=(1, 2)), d.mean(dim=(2, 3))], dim=1))

@@ -8,6 +8,7 @@ from torch import nn
 
 import afie_fast as af
 from afie_fast.observe import Observed, through_input
+from nets import Expansions
 import reference
 
 
@@ -49,27 +50,6 @@ def test_a_nan_weight_keeps_the_output_path():
     with torch.no_grad():
         conv.weight[3, 1] = float("nan")
     assert not through_input(conv)
-
-
-class Expansions(nn.Module):
-    """1×1 expansions at stride 1 and 2 (odd map: the stride's last row and column count),
-    a reduction, and a ConvNeXt-style Linear expansion on channels-last features."""
-
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 6, 3, padding=1)
-        self.expand = nn.Conv2d(6, 24, 1)
-        self.down = nn.Conv2d(6, 20, 1, stride=2, bias=False)
-        self.reduce = nn.Conv2d(24, 6, 1)
-        self.fc1 = nn.Linear(6, 30)
-        self.head = nn.Linear(30 + 20, 5)
-
-    def forward(self, x):
-        x = torch.relu(self.stem(x))
-        y = self.reduce(torch.relu(self.expand(x))) + x
-        d = self.down(y)
-        h = self.fc1(y.permute(0, 2, 3, 1))
-        return self.head(torch.cat([h.mean(dim=(1, 2)), d.mean(dim=(2, 3))], dim=1))
 
 
 def _outputs(model, batches):

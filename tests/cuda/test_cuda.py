@@ -150,6 +150,27 @@ def test_score_with_a_positions_budget_on_cuda_matches_cpu():
         assert b.afie == pytest.approx(a.afie, rel=1e-4)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_layers_observed_through_their_input_on_cuda_match_cpu(channels_last):
+    # 1×1 expansions at stride 1 and 2 and a Linear expansion accumulate their input on the
+    # device (strided views of it) and are mapped on the host: the same as on the CPU.
+    from nets import Expansions
+
+    torch.manual_seed(2)
+    model = Expansions().eval()
+    xs = [torch.randn(8, 3, 9, 9) for _ in range(3)]
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+    cpu = af.score(model, xs, progress=False, linear=True)
+    gpu = af.score(model.cuda(), xs, progress=False, linear=True)
+    model.cpu()
+    for a, b in zip(cpu, gpu):
+        assert b.n_samples == a.n_samples
+        assert b.afie == pytest.approx(a.afie, rel=1e-4)
+        np.testing.assert_allclose(b.filter_scores["variance"], a.filter_scores["variance"], rtol=1e-3, atol=1e-6)
+
+
 def test_backend_reports_the_device():
     info = af.backend_info()
     assert info["cuda_compiled"] and info["cuda_device_present"]
