@@ -198,25 +198,6 @@ std::vector<double> times_a(int64_t C, int64_t K, const double* a, const double*
   return wa;
 }
 
-}  // namespace
-
-void congruence_cpu(int64_t C, int64_t K, const double* a, const double* w, double* out, int threads) {
-  if (C == 0) return;
-  if (K == 0) {
-    std::fill(out, out + C * C, 0.0);
-    return;
-  }
-  // Single-threaded like every BLAS call here: OpenBLAS's pooled workers would spin on
-  // after it and take a core from whatever runs next (parallel.h).
-  (void)threads;
-  blas::use_threads(1);
-  const std::vector<double> wa = times_a(C, K, a, w);
-  blas::gemm("T", "N", int(C), int(C), int(K), wa.data(), int(K), w, int(K), out, int(C));  // (W A Wᵀ)ᵀ = W (W A)ᵀ
-  symmetrise(C, out);
-}
-
-namespace {
-
 void congruence_reduced_one(const CongruenceJob& job) {
   const int64_t C = job.C, K = job.K;
   const double *a = job.a, *w = job.w;
@@ -261,13 +242,31 @@ void congruence_reduced_one(const CongruenceJob& job) {
 
 }  // namespace
 
+void congruence_cpu(int64_t C, int64_t K, const double* a, const double* w, double* out, int threads) {
+  if (C == 0) return;
+  if (K == 0) {
+    std::fill(out, out + C * C, 0.0);
+    return;
+  }
+  // Single-threaded like every BLAS call here: OpenBLAS's pooled workers would spin on
+  // after it and take a core from whatever runs next (parallel.h).
+  (void)threads;
+  blas::use_threads(1);
+  const std::vector<double> wa = times_a(C, K, a, w);
+  blas::gemm("T", "N", int(C), int(C), int(K), wa.data(), int(K), w, int(K), out, int(C));  // (W A Wᵀ)ᵀ = W (W A)ᵀ
+  symmetrise(C, out);
+}
+
 void congruence_reduced_cpu(const std::vector<CongruenceJob>& jobs, int threads) {
   for (const CongruenceJob& job : jobs)
     if (job.C < job.K) throw std::invalid_argument("congruence_reduced: needs C >= K");
+  const auto cost = [&](int64_t i) {  // the C·K² of W A and of WᵀW
+    const CongruenceJob& job = jobs[size_t(i)];
+    return double(job.C) * double(job.K) * double(job.K);
+  };
   blas::use_threads(1);
-  for_each_costliest_first(
-      int64_t(jobs.size()), threads, [&](int64_t i) { return double(jobs[size_t(i)].C) * double(jobs[size_t(i)].K) * double(jobs[size_t(i)].K); },
-      [&](int64_t i, int64_t) { congruence_reduced_one(jobs[size_t(i)]); });
+  for_each_costliest_first(int64_t(jobs.size()), threads, cost,
+                           [&](int64_t i, int64_t) { congruence_reduced_one(jobs[size_t(i)]); });
 }
 
 }  // namespace afie
