@@ -110,8 +110,8 @@ def _choose(unit: Unit, scores: torch.Tensor, k: int) -> list[int]:
     """The k filters of the unit to remove: lowest scores, ties by index. A grouped unit
     loses the same positions in each of its G channel groups (the lowest summed over groups)."""
     g = unit.channel_groups
-    per = scores.view(g, unit.width // g).sum(0)
-    worst = sorted(range(per.numel()), key=lambda j: (per[j].item(), j))[:k // g]
+    per = scores.view(g, unit.width // g).sum(0).tolist()
+    worst = sorted(range(len(per)), key=lambda j: (per[j], j))[:k // g]
     return sorted(grp * (unit.width // g) + j for grp in range(g) for j in worst)
 
 
@@ -187,54 +187,63 @@ class _Measured:
     calls: dict[str, int]
 
 
-def _counted_flops(module: nn.Module) -> float:
-    """Torch-Pruning's total: a module it counts gives its own count, any other the sum of its children's."""
-    if tp.utils.op_counter.is_supported_instance(module):
-        return float(module.__flops__ or 0)
-    return sum(_counted_flops(child) for child in module.children())
-
-
 class _Counting:
     """Counts what the forwards run inside it do, on the model itself (no copy): Torch-
-    Pruning's MAC and param counter, each conv's calls, the output's shape. ``measured``
-    holds the result after a clean exit, and the model is left as it was found."""
+    Pruning's MACs and params, each conv's calls, the output's shape. ``measured`` holds
+    the result after a clean exit, and the model is left as it was found.
 
-    _ADDED = ("start_flops_count", "stop_flops_count", "reset_flops_count", "compute_average_flops_cost",
-              "__batch_counter__")  # what tp's counter sets on the top module
+    The counts are Torch-Pruning's own (its per-type hooks from ``MODULES_MAPPING``, summed
+    as ``count_ops_and_params`` sums them); only its bookkeeping is replaced, which walks
+    the module tree five times per count and recounts every module's parameters."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.measured: _Measured | None = None
 
     def __enter__(self) -> "_Counting":
-        convs = layers_of(self.model)
-        self.calls, self.shape = dict.fromkeys(convs, 0), []
-        self.hooks = [m.register_forward_hook(lambda *_, n=n: self.calls.__setitem__(n, self.calls[n] + 1))
-                      for n, m in convs.items()]
-        self.hooks.append(self.model.register_forward_hook(lambda _m, _i, out: self.shape.append(_shapes(out))))
-        tp.utils.op_counter.add_flops_counting_methods(self.model)
-        self.model.start_flops_count(ost=None, verbose=False, ignore_list=[])
+        counters = {**tp.utils.op_counter.MODULES_MAPPING, **tp.utils.op_counter.CUSTOM_MODULES_MAPPING}
+        self.counters: list[nn.Module] = []
+        self.outermost: list[nn.Module] = []  # the total sums these: counted modules inside none
+        self.calls: dict[str, int] = {}
+        self.shape, self.inputs, self.hooks = [], [], []
+        counted: set[str] = set()
+        for name, m in self.model.named_modules():  # parents come before their children
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                self.calls[name] = 0
+                self.hooks.append(m.register_forward_hook(lambda *_, n=name: self.calls.__setitem__(n, self.calls[n] + 1)))
+            counter = counters.get(type(m))
+            if counter is None:
+                continue
+            m.__flops__ = 0
+            self.hooks.append(m.register_forward_hook(counter))
+            self.counters.append(m)
+            parts = name.split(".")
+            if not any(".".join(parts[:i]) in counted for i in range(len(parts))):
+                self.outermost.append(m)
+            counted.add(name)
+
+        def top(_m, args, out):
+            self.inputs.append(len(args[0]) if args and hasattr(args[0], "__len__") else 1)
+            self.shape.append(_shapes(out))
+
+        self.hooks.append(self.model.register_forward_hook(top))
         return self
 
     def __exit__(self, exc_type, *_) -> None:
-        model = self.model
         try:
             if exc_type is None:
-                # What tp's compute_average_flops_cost returns, without its per-module
-                # parameter recount (quadratic in the depth of the module tree).
-                per_batch = 1.0 / max(model.__batch_counter__, 1)  # the totals are per input
-                layers = {n: (float(getattr(m, "__flops__", 0) or 0) * per_batch, float(sum(p.numel() for p in m.parameters())))
-                          for n, m in model.named_modules()
+                per_input = 1.0 / max(sum(self.inputs), 1)  # Torch-Pruning's counts are per input
+                layers = {n: (float(getattr(m, "__flops__", 0)) * per_input, float(sum(p.numel() for p in m.parameters())))
+                          for n, m in self.model.named_modules()
                           if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))}
-                macs = _counted_flops(model) * per_batch
-                params = sum(p.numel() for p in model.parameters())
+                macs = sum(m.__flops__ for m in self.outermost) * per_input
+                params = sum(p.numel() for p in self.model.parameters())
                 self.measured = _Measured(round(macs), int(params), layers, self.shape[0], self.calls)
         finally:
-            model.stop_flops_count()
             for h in self.hooks:
                 h.remove()
-            for attr in self._ADDED:
-                model.__dict__.pop(attr, None)
+            for m in self.counters:
+                m.__dict__.pop("__flops__", None)
 
 
 def _prunable_share(cost: _CostModel, units: list[Unit]) -> tuple[float, float]:

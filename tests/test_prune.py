@@ -202,3 +202,43 @@ def test_ignored_layers_stay_whole_by_name_or_module(how):
     pruned, stats = af.prune(model, report, target=0.4, example_inputs=X, ignored_layers=ignored)
     assert stats.kept["3"] == (12, 12) and stats.skipped["3"].startswith("ignored_layers")
     assert stats.kept["0"][1] < 8
+
+
+class _Counted(nn.Module):
+    """Modules Torch-Pruning counts nested in one it counts (attention's projections), a
+    conv subclass it does not count, norms, upsampling and pooling."""
+
+    class WSConv(nn.Conv2d):
+        pass
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.gn = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)
+        self.ws, self.bn = self.WSConv(8, 8, 1), nn.BatchNorm2d(8)
+        self.up, self.pool = nn.Upsample(scale_factor=2), nn.AdaptiveAvgPool2d(4)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 4))
+
+    def forward(self, x):
+        y = self.pool(self.up(torch.relu(self.bn(self.ws(self.gn(self.conv(x)))))))
+        t = y.flatten(2).transpose(1, 2)
+        t, _ = self.attn(t, t, t)
+        return self.head(t.mean(1))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_prune_counts_what_torch_pruning_counts(batch):
+    from afie_fast.pruning import _Counting
+
+    torch.manual_seed(0)
+    model, x = _Counted().eval(), torch.randn(batch, 3, 8, 8)
+    attrs = {n: set(vars(m)) for n, m in model.named_modules()}
+    with _Counting(model) as counting, torch.no_grad():
+        model(x)
+    macs, params = tp.utils.count_ops_and_params(model, x)
+    assert (counting.measured.macs, counting.measured.params) == (round(macs), params)
+    # attention uses out_proj's weights without calling it
+    assert counting.measured.calls == {"conv": 1, "ws": 1, "attn.out_proj": 0, "head.1": 1}
+    assert counting.measured.shape == (batch, 4)
+    assert {n: set(vars(m)) for n, m in model.named_modules()} == attrs  # nothing left behind
+    assert not any(m._forward_hooks for m in model.modules())

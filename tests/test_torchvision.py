@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import torch_pruning as tp
 from torch import nn
 
 import afie_fast as af
@@ -29,6 +30,11 @@ def inputs(name):
     return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
+def counted(model, x):
+    macs, params = tp.utils.count_ops_and_params(model, x)
+    return round(macs), params
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_prunes_exports_and_reloads(name, tmp_path):
@@ -40,6 +46,9 @@ def test_family_prunes_exports_and_reloads(name, tmp_path):
             warnings.simplefilter("error")  # no "closest whole filters get" miss on these models
             pruned, stats = af.prune(model, report, target=target, unit=unit, example_inputs=x[:1])
         pruned.eval()
+        # prune's own count is Torch-Pruning's, before and after
+        assert (stats.macs_before, stats.params_before) == counted(model, x[:1])
+        assert (stats.macs_after, stats.params_after) == counted(pruned, x[:1])
         if unit == "flops":
             assert abs(stats.reached - target) <= 0.02, stats.summary()
         removed = sum(b - a for b, a in stats.kept.values())
