@@ -42,6 +42,7 @@ class Unit:
     width: int
     channel_groups: int = 1
     touched: list[tuple[nn.Module, str, int]] = field(default_factory=list)  # (module, "out"|"in", channels)
+    fixed: Any = None  # the whole group, when no other unit's cut can change its index mapping
 
 
 class _ShapeRecorder(TorchFunctionMode):
@@ -128,9 +129,21 @@ class Graph:
                 else:
                     yield module, group, None
 
-    def prune(self, root: nn.Module, handler, idxs: list[int]) -> None:
-        with _tolerant_reshape_mapping([]):
-            self.dg.get_pruning_group(root, handler, idxs).prune()
+    def prune(self, unit: Unit, idxs: list[int]) -> None:
+        """Remove the unit's filters ``idxs`` (root indexing) and all they feed."""
+        if unit.fixed is None:  # Torch-Pruning rebuilds the group for the current widths
+            with _tolerant_reshape_mapping([]):
+                self.dg.get_pruning_group(unit.root, unit.handler, idxs).prune()
+            return
+        # Every member maps the root's channels one to one, so the cut is the whole group
+        # narrowed to idxs: what get_pruning_group would rebuild, without re-mapping the graph.
+        keep, group = set(idxs), tp.dependency.Group()
+        group._DG = self.dg
+        for item in unit.fixed:
+            cut = [i for i in item.idxs if i in keep]
+            if cut:
+                group.add_dep(item.dep, cut)
+        group.prune()
 
     def replay(self, history: list) -> None:
         """Redo a pruning history (save/load) on a fresh copy of the model."""
@@ -235,8 +248,21 @@ def find_units(graph: Graph, layers: Iterable[str], prune_residual: bool,
             continue
         g = max(_channel_groups(item.dep.target.module) for item in group)
         units.append(Unit(group[0].dep.target.module, group[0].dep.handler, members, len(group[0].idxs), g,
-                          _touched(dg, group)))
+                          _touched(dg, group), group if _fixed_mapping(group) else None))
     return units, skipped
+
+
+# Nodes whose index mapping Torch-Pruning recomputes from other inputs' current widths
+# (concat and split offsets): a group through one must be rebuilt for each cut. A
+# reshape's mapping (a flatten's stride) depends on the group's own widths: one that maps
+# one to one stays so.
+_REMAPPED = (OPTYPE.CONCAT, OPTYPE.SPLIT, OPTYPE.UNBIND, OPTYPE.EXPAND, OPTYPE.SLICE)
+
+
+def _fixed_mapping(group) -> bool:
+    """Whether every member of the group sees the root's channels one to one, through no
+    node whose mapping another unit's cut could change."""
+    return all(item.dep.target.type not in _REMAPPED and list(item.idxs) == list(item.root_idxs) for item in group)
 
 
 def _why_whole(graph: Graph, group, members: list, layers: set[str], prune_residual: bool) -> str | None:

@@ -375,7 +375,7 @@ class _Run:
     def _trace(self, count: bool = False) -> None:
         """Trace a fresh copy of the model into its graph and units; the first time, the
         same forward also measures the model (MACs, params, conv calls, output shape)."""
-        self.work = copy.deepcopy(self.model)
+        self.work = _copy(self.model)
         self.layers = layers_of(self.work)
         counting = _Counting(self.work) if count else contextlib.nullcontext()
         with scoring_mode(self.work), counting:  # eval while tracing: BN statistics must not move
@@ -496,7 +496,7 @@ def _apply(graph: Graph, units: list[Unit], plan: _Plan, report: AFIEReport, con
         if k == 0:
             continue
         scores = _unit_scores(unit, report, convs, criterion, seed + i)
-        graph.prune(unit.root, unit.handler, _choose(unit, scores, k))
+        graph.prune(unit, _choose(unit, scores, k))
 
 
 def _check_runs(model: nn.Module, example_inputs: torch.Tensor, shape: Any) -> tuple[int, int]:
@@ -517,6 +517,28 @@ def _check_runs(model: nn.Module, example_inputs: torch.Tensor, shape: Any) -> t
         raise RuntimeError(f"the pruned {type(model).__name__} gives outputs of shape {after.shape} instead of "
                            f"{shape}; pass the convs involved in ignored_layers=[...]")
     return after.macs, after.params
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, with its plain weights and buffers cloned up front: what
+    ``Parameter.__deepcopy__`` and ``Tensor.__deepcopy__`` would make of them, without
+    their per-tensor Python, which is a third of a CNN's copy. Any other tensor (a
+    subclass, a view sharing storage, one with a grad or attributes) is left to deepcopy."""
+    tensors = [*model.parameters(), *model.buffers()]
+    owners: dict[int, int] = {}
+    for t in tensors:
+        if t.layout == torch.strided and not t.is_quantized and t.device.type in ("cpu", "cuda"):
+            key = t.untyped_storage().data_ptr()
+            owners[key] = owners.get(key, 0) + 1
+    memo: dict[int, Any] = {}
+    for t in tensors:
+        plain = (type(t) in (nn.Parameter, torch.Tensor) and t.is_leaf and t.grad is None and not t.__dict__
+                 and owners.get(t.untyped_storage().data_ptr() if t.layout == torch.strided else -1) == 1
+                 and not t.is_quantized and (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)))
+        if plain:
+            clone = t.detach().clone(memory_format=torch.preserve_format)
+            memo[id(t)] = nn.Parameter(clone, t.requires_grad) if type(t) is nn.Parameter else clone.requires_grad_(t.requires_grad)
+    return copy.deepcopy(model, memo)
 
 
 def _state_dict_metadata(model: nn.Module) -> dict[str, dict]:
@@ -624,7 +646,7 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     if convs != expected:
         raise ValueError(f"{path} was made for another model ({plan['model']}): its conv layers and widths "
                          f"do not match this {type(model).__name__}")
-    rebuilt = copy.deepcopy(model)
+    rebuilt = _copy(model)
     example = torch.zeros(plan["input_shape"], dtype=getattr(torch, plan["input_dtype"]))
     with scoring_mode(rebuilt):
         build_graph(rebuilt, example).replay([[n, out, idxs] for n, out, idxs in plan["history"]])

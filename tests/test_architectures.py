@@ -179,3 +179,36 @@ def test_load_pruned_keeps_module_versions(tmp_path):
     pruned, _ = af.prune(model, report, target=0.4, example_inputs=X)
     loaded = af.load_pruned(make(), af.save_pruned(pruned, tmp_path / "v.safetensors"))
     assert torch.equal(loaded.eval()(X), pruned.eval()(X))
+
+
+def cut_both_ways(model, x, monkeypatch, **kw):
+    """prune() as it is (groups whose mapping is fixed are cut from the one built at trace
+    time) and with every group rebuilt by Torch-Pruning for each cut; how many were fixed."""
+    from afie_fast import coupling
+
+    fixed = []
+    real = coupling._fixed_mapping
+    monkeypatch.setattr(coupling, "_fixed_mapping", lambda group: fixed.append(real(group)) or fixed[-1])
+    report = af.score(model, source="weights", progress=False, linear=kw.pop("linear", False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        reused, _ = af.prune(model, report, example_inputs=x, **kw)
+        monkeypatch.setattr(coupling, "_fixed_mapping", lambda group: False)
+        rebuilt, _ = af.prune(model, report, example_inputs=x, **kw)
+    return reused, rebuilt, sum(fixed)
+
+
+def assert_same_cut(a, b):
+    assert a.afie_fast_plan["history"] == b.afie_fast_plan["history"]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("name", list(ALL))
+@pytest.mark.parametrize("prune_residual", [False, True])
+def test_fixed_groups_cut_as_torch_pruning_rebuilds_them(name, prune_residual, monkeypatch):
+    model, _ = build(name)
+    reused, rebuilt, fixed = cut_both_ways(model, X, monkeypatch, target=0.4,
+                                           prune_residual=prune_residual)
+    assert_same_cut(reused, rebuilt)
+    assert fixed > 0  # the fixed path ran (beside rebuilt groups: VGG's flatten, the concats)
