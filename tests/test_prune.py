@@ -215,7 +215,7 @@ class _Counted(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv, self.gn = nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8)
-        self.ws, self.bn = self.WSConv(8, 8, 1), nn.BatchNorm2d(8)
+        self.ws, self.bn = self.WSConv(8, 8, 1), nn.BatchNorm2d(8, affine=False)
         self.up, self.pool = nn.Upsample(scale_factor=2), nn.AdaptiveAvgPool2d(4)
         self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
         self.head = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 4))
