@@ -103,17 +103,21 @@ def _unit_scores(unit: Unit, report: AFIEReport, convs, criterion: str, seed: in
         return torch.rand(unit.width, generator=g, dtype=torch.float64)
     total = torch.zeros(unit.width, dtype=torch.float64)
     for name, idxs, root_idxs in unit.members:
-        total.index_add_(0, torch.tensor(root_idxs), _filter_scores(report, convs, name, criterion)[idxs])
+        scores = _filter_scores(report, convs, name, criterion)
+        if idxs == root_idxs and len(idxs) == unit.width == len(scores):  # every channel, one to one
+            total += scores
+        else:
+            total.index_add_(0, torch.tensor(root_idxs), scores[idxs])
     return total
 
 
 def _choose(unit: Unit, scores: torch.Tensor, k: int) -> list[int]:
     """The k filters of the unit to remove: lowest scores, ties by index. A grouped unit
     loses the same positions in each of its G channel groups (the lowest summed over groups)."""
-    g = unit.channel_groups
-    per = scores.view(g, unit.width // g).sum(0).tolist()
-    worst = sorted(range(len(per)), key=lambda j: (per[j], j))[:k // g]
-    return sorted(grp * (unit.width // g) + j for grp in range(g) for j in worst)
+    g, size = unit.channel_groups, unit.width // unit.channel_groups
+    per = scores.view(g, size).sum(0).tolist()
+    worst = sorted(sorted(range(size), key=per.__getitem__)[:k // g])  # a stable sort: ties by index
+    return [grp * size + j for grp in range(g) for j in worst]
 
 
 class _CostModel:
