@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
 import torch_pruning as tp
@@ -42,7 +42,8 @@ class Unit:
     width: int
     channel_groups: int = 1
     touched: list[tuple[nn.Module, str, int]] = field(default_factory=list)  # (module, "out"|"in", channels)
-    fixed: Any = None  # the whole group, when no other unit's cut can change its index mapping
+    group: Any = None  # Torch-Pruning's, for all the root's channels
+    fixed: bool = False  # whether no other unit's cut can change the group's index mapping
 
 
 class _ShapeRecorder(TorchFunctionMode):
@@ -75,25 +76,45 @@ def _keeps_channels(shape_in: tuple[int, ...], shape_out: tuple[int, ...]) -> bo
     return len(shape_out) == 2 and shape_out[1] == math.prod(shape_in[1:])
 
 
+def _updaters() -> dict:
+    """Torch-Pruning's index-mapping update for each node type that has one (what its
+    update_index_mapping runs over every node of the graph)."""
+    m = tp.dependency.index_mapping
+    return {OPTYPE.CONCAT: m.update_concat_index_mapping, OPTYPE.SPLIT: m.update_split_index_mapping,
+            OPTYPE.RESHAPE: m.update_reshape_index_mapping, OPTYPE.UNBIND: m.update_unbind_index_mapping,
+            OPTYPE.EXPAND: m.update_expand_index_mapping, OPTYPE.SLICE: m.update_slice_index_mapping}
+
+
 @contextlib.contextmanager
-def _tolerant_reshape_mapping(failed: list):
-    """torch-pruning's reshape index mapping divides by an inferred channel count that is
-    0 for a 5-D view (channel shuffle); keep the graph and mark that node instead. The
-    mapping is recomputed on every group query, so every use of the graph needs this."""
+def _index_mapping(failed: list, nodes: list | None = None):
+    """Torch-Pruning's index mapping, made tolerant and, with ``nodes``, local.
+
+    Its reshape mapping divides by an inferred channel count that is 0 for a 5-D view
+    (channel shuffle): such a node goes to ``failed`` instead of raising. And every
+    get_pruning_group re-maps every node of the graph first (quadratic in its size:
+    DenseNet-121 spent half of prune() there); with ``nodes``, only those are re-mapped:
+    the ones a group passes through, or none while groups are read between cuts."""
     mapping = tp.dependency.index_mapping
-    real = mapping.update_reshape_index_mapping
+    real_reshape, real_update = mapping.update_reshape_index_mapping, mapping.update_index_mapping
 
     def tolerant(graph, node):
         try:
-            real(graph, node)
+            real_reshape(graph, node)
         except (ZeroDivisionError, TypeError, ValueError, IndexError):
             failed.append(node)
 
+    def local(graph):
+        update = _updaters()
+        for node in nodes:
+            update[node.type](graph, node)
+
     mapping.update_reshape_index_mapping = tolerant
+    if nodes is not None:
+        mapping.update_index_mapping = local
     try:
         yield
     finally:
-        mapping.update_reshape_index_mapping = real
+        mapping.update_reshape_index_mapping, mapping.update_index_mapping = real_reshape, real_update
 
 
 @dataclass
@@ -107,12 +128,14 @@ class Graph:
     def names(self) -> dict[nn.Module, str]:
         return self.dg._module2name  # torch-pruning keeps module names only here
 
-    def groups(self, ignored: list[nn.Module]) -> Iterator[tuple[nn.Module, Any, str | None]]:
+    def groups(self, ignored: list[nn.Module]) -> list[tuple[nn.Module, Any, str | None]]:
         """(conv, its group or None, why not) for every conv's output channels, each
         coupled set once: torch-pruning's get_all_groups, with an error inside one group
         confined to that group."""
-        dg, visited = self.dg, set()
-        with _tolerant_reshape_mapping([]):
+        dg, visited, found = self.dg, set(), []
+        with _index_mapping([]):
+            tp.dependency.index_mapping.update_index_mapping(dg)  # once: nothing is cut meanwhile
+        with _index_mapping([], nodes=[]):
             for module in list(dg.module2node):
                 if not isinstance(module, (nn.Conv2d, nn.Linear)) or module in visited:
                     continue
@@ -120,26 +143,29 @@ class Graph:
                     group = dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels,
                                                  list(range(width(module))))
                 except (IndexError, KeyError, ZeroDivisionError, ValueError, TypeError, RuntimeError) as exc:
-                    yield module, None, f"Torch-Pruning cannot map its coupling ({type(exc).__name__}: {exc})"
+                    found.append((module, None, f"Torch-Pruning cannot map its coupling ({type(exc).__name__}: {exc})"))
                     continue
                 outs = [item.dep.target.module for item in group if dg.is_out_channel_pruning_fn(item.dep.handler)]
                 visited.update(outs)
-                if any(m in ignored for m in outs):
-                    yield module, group, "ignored_layers (or coupled to one)"
-                else:
-                    yield module, group, None
+                found.append((module, group, "ignored_layers (or coupled to one)" if any(m in ignored for m in outs)
+                              else None))
+        return found
 
     def prune(self, unit: Unit, idxs: list[int]) -> None:
         """Remove the unit's filters ``idxs`` (root indexing) and all they feed."""
-        if unit.fixed is None:  # Torch-Pruning rebuilds the group for the current widths
-            with _tolerant_reshape_mapping([]):
+        if not unit.fixed:
+            # Torch-Pruning rebuilds the group for the current widths (concat offsets move as
+            # other units are cut), re-mapping only the nodes the group passes through.
+            updaters = _updaters()
+            nodes = list(dict.fromkeys(item.dep.target for item in unit.group if item.dep.target.type in updaters))
+            with _index_mapping([], nodes=nodes):
                 self.dg.get_pruning_group(unit.root, unit.handler, idxs).prune()
             return
         # Every member maps the root's channels one to one, so the cut is the whole group
         # narrowed to idxs: what get_pruning_group would rebuild, without re-mapping the graph.
         keep, group = set(idxs), tp.dependency.Group()
         group._DG = self.dg
-        for item in unit.fixed:
+        for item in unit.group:
             cut = [i for i in item.idxs if i in keep]
             if cut:
                 group.add_dep(item.dep, cut)
@@ -147,7 +173,7 @@ class Graph:
 
     def replay(self, history: list) -> None:
         """Redo a pruning history (save/load) on a fresh copy of the model."""
-        with _tolerant_reshape_mapping([]):
+        with _index_mapping([]):
             self.dg.load_pruning_history(history)
 
 
@@ -159,7 +185,7 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> Graph:
         with recorder:
             return m(x)
 
-    with _tolerant_reshape_mapping(failed):
+    with _index_mapping(failed):
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, forward_fn=forward,
                                                    verbose=False)
     opaque: dict[Any, str] = {n: "a channel reshape (e.g. a channel shuffle) Torch-Pruning cannot map" for n in failed}
@@ -248,7 +274,7 @@ def find_units(graph: Graph, layers: Iterable[str], prune_residual: bool,
             continue
         g = max(_channel_groups(item.dep.target.module) for item in group)
         units.append(Unit(group[0].dep.target.module, group[0].dep.handler, members, len(group[0].idxs), g,
-                          _touched(dg, group), group if _fixed_mapping(group) else None))
+                          _touched(dg, group), group, _fixed_mapping(group)))
     return units, skipped
 
 

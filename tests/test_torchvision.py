@@ -79,12 +79,12 @@ def test_squeezenet_classifier_is_never_pruned():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "densenet121", "googlenet",
-                                  "convnext_tiny"])
-def test_fixed_groups_cut_as_torch_pruning_rebuilds_them(name, monkeypatch):
+                                  "inception_v3", "convnext_tiny"])
+def test_cuts_equal_torch_pruning_rebuilding_each_group(name, monkeypatch):
     from test_architectures import assert_same_cut, cut_both_ways
 
     model = make(name)
-    reused, rebuilt, fixed = cut_both_ways(model, inputs(name)[:1], monkeypatch, target=0.5, unit="flops",
-                                           linear=name in LINEAR)
+    ours, theirs, fixed = cut_both_ways(model, inputs(name)[:1], monkeypatch, target=0.5, unit="flops",
+                                        linear=name in LINEAR)
     assert fixed > 0
-    assert_same_cut(reused, rebuilt)
+    assert_same_cut(ours, theirs)
