@@ -275,3 +275,20 @@ def test_prune_copies_the_model_as_deepcopy_would():
     with torch.no_grad():
         copied[0].weight.add_(1)
     assert not torch.equal(copied[0].weight, model[0].weight)  # nothing shared
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_prune_leaves_the_garbage_collector_as_it_found_it(enabled):
+    import gc
+
+    model, report = scored("vgg")
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        af.prune(model, report, target=0.5, example_inputs=X)
+        assert gc.isenabled() == enabled
+        with pytest.raises(ValueError, match="out of reach"):
+            af.prune(model, report, target=0.999, unit="flops", example_inputs=X)
+        assert gc.isenabled() == enabled
+    finally:
+        (gc.enable if was else gc.disable)()
