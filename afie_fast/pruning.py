@@ -453,9 +453,9 @@ class _Run:
         best = make(hi)
         if self.predicted(best) < goal:
             return best
-        # 24 halvings pin the filter fraction to 6e-8 of its range: far finer than one
-        # filter of any CNN, so more steps only repeat the same whole-filter plan.
-        for _ in range(24):
+        # Halve until the fraction is pinned to a quarter of one filter: finer steps only
+        # repeat the same whole-filter plan.
+        for _ in range(math.ceil(math.log2(4 * sum(u.width for u in self.units)))):
             mid = (lo + hi) / 2
             p = make(mid)
             if abs(self.predicted(p) - goal) < abs(self.predicted(best) - goal):
