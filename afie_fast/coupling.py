@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch_pruning as tp
@@ -128,16 +128,20 @@ class Graph:
     def names(self) -> dict[nn.Module, str]:
         return self.dg._module2name  # torch-pruning keeps module names only here
 
-    def groups(self, ignored: list[nn.Module]) -> list[tuple[nn.Module, Any, str | None]]:
+    def groups(self, ignored: list[nn.Module], tick: Callable[[], object] = lambda: None
+               ) -> list[tuple[nn.Module, Any, str | None]]:
         """(conv, its group or None, why not) for every conv's output channels, each
         coupled set once: torch-pruning's get_all_groups, with an error inside one group
-        confined to that group."""
+        confined to that group. ``tick`` is called once per conv or linear layer."""
         dg, visited, found = self.dg, set(), []
         with _index_mapping([]):
             tp.dependency.index_mapping.update_index_mapping(dg)  # once: nothing is cut meanwhile
         with _index_mapping([], nodes=[]):
             for module in list(dg.module2node):
-                if not isinstance(module, (nn.Conv2d, nn.Linear)) or module in visited:
+                if not isinstance(module, (nn.Conv2d, nn.Linear)):
+                    continue
+                tick()
+                if module in visited:
                     continue
                 try:
                     group = dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels,
@@ -251,12 +255,13 @@ def _touched(dg: tp.DependencyGraph, group) -> list[tuple[nn.Module, str, int]]:
     return out
 
 
-def find_units(graph: Graph, layers: Iterable[str], prune_residual: bool,
-               ignored: list[nn.Module]) -> tuple[list[Unit], dict[str, str]]:
-    """The prunable units, and every layer of ``layers`` left whole with the reason."""
+def find_units(graph: Graph, layers: Iterable[str], prune_residual: bool, ignored: list[nn.Module],
+               tick: Callable[[], object] = lambda: None) -> tuple[list[Unit], dict[str, str]]:
+    """The prunable units, and every layer of ``layers`` left whole with the reason
+    (``tick``: called per group root read, for a progress bar)."""
     dg, names, layers = graph.dg, graph.names, set(layers)
     units, skipped = [], {}
-    for root, group, reason in graph.groups(ignored):
+    for root, group, reason in graph.groups(ignored, tick):
         if group is None:
             if names[root] in layers:
                 skipped[names[root]] = reason

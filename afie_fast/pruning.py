@@ -11,7 +11,7 @@ from collections import OrderedDict
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch_pruning as tp
@@ -28,6 +28,7 @@ DEFAULT_CRITERION = "l1"
 UNITS = ("filters", "flops", "params")
 PLAN_FORMAT = "afie_fast.pruned"
 PLAN_VERSION = 2  # 2: Linear layers in "layers", state-dict metadata
+PROGRESS_DELAY_S = 2.0  # prune() shows its bar only once it has run this long
 
 
 @dataclass
@@ -291,7 +292,8 @@ def _why_short(skipped: dict[str, str], prune_residual: bool) -> str:
 def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: str = "filters",
           example_inputs: torch.Tensor, criterion: str | None = None, prune_residual: bool = False,
           ignored_layers: Sequence[str | nn.Module] | None = None, seed: int = 0,
-          allocation: str = "afie", calibrate: Iterable | None = None) -> tuple[nn.Module, PruneStats]:
+          allocation: str = "afie", calibrate: Iterable | None = None,
+          progress: bool = True) -> tuple[nn.Module, PruneStats]:
     """Remove filters from a copy of ``model`` the paper's way.
 
     How many per layer follows the report's AFIE (λ_l ∝ 1/AFIE_l, capped at 0.99, total
@@ -320,6 +322,8 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
         calibrate: a loader of training batches: re-estimate the pruned copy's BatchNorm
             statistics on it (:func:`afie_fast.recalibrate_bn`, up to 50 batches), which
             recovers much of the accuracy lost right after pruning.
+        progress: show a tqdm bar (trace, groups read, units cut, check) once the call
+            has taken over 2 s, as it can on large graphs.
 
     Returns:
         (pruned model, PruneStats). ``afie_fast.save_pruned`` saves the result.
@@ -333,8 +337,11 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
     ignored = _ignored_names(ignored_layers, convs0)
     if criterion in ("variance", "independence"):
         _filter_scores(report, {}, next(iter(report.layers)), criterion)  # a clear error before any work
-    with _collector_paused():
-        run = _Run(model, report, example_inputs.detach(), ignored, prune_residual, allocation, unit)
+    from tqdm.auto import tqdm
+
+    with _collector_paused(), tqdm(desc="afie_fast prune", unit="step", total=0, delay=PROGRESS_DELAY_S,
+                                   disable=not progress, leave=False) as bar:
+        run = _Run(model, report, example_inputs.detach(), ignored, prune_residual, allocation, unit, bar)
         plan, work = run.reach(target, criterion, seed)
         kept = {n: (report.layers[n].n_filters, width(run.layers[n])) for n in report.layers}
         reached = plan.filters_removed if unit == "filters" else _check_reached(run, target, kept, prune_residual)
@@ -400,9 +407,10 @@ class _Run:
     cost model, and after :meth:`apply` the measured result."""
 
     def __init__(self, model: nn.Module, report: AFIEReport, example_inputs: torch.Tensor,
-                 ignored: list[str], prune_residual: bool, allocation: str, unit: str) -> None:
+                 ignored: list[str], prune_residual: bool, allocation: str, unit: str, bar) -> None:
         self.model, self.report, self.x = model, report, example_inputs
         self.ignored, self.prune_residual, self.allocation, self.unit = ignored, prune_residual, allocation, unit
+        self.bar = bar  # tqdm: one step per trace, group read, unit cut and check
         self.macs = self.params = 0
         self._trace(count=True)
         if not self.units:
@@ -419,15 +427,23 @@ class _Run:
         self.work = _copy(self.model)
         self.layers = layers_of(self.work)
         counting = _Counting(self.work) if count else contextlib.nullcontext()
+        self._step("trace")
         with scoring_mode(self.work), counting:  # eval while tracing: BN statistics must not move
             self.graph = build_graph(self.work, self.x)
+        self.bar.update()
+        self._step("groups", sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in self.graph.dg.module2node))
         if count:
             self.before = counting.measured
             _check_not_shared({n: k for n, k in self.before.calls.items()
                                if n in self.report.layers or isinstance(self.layers[n], nn.Conv2d)})
         self.units, self.skipped = find_units(self.graph, self.report.layers, self.prune_residual,
-                                              [self.layers[n] for n in self.ignored])
+                                              [self.layers[n] for n in self.ignored], tick=self.bar.update)
         self.cost = _CostModel(self.before, self.graph.names, self.units)
+
+    def _step(self, phase: str, steps: int = 1) -> None:
+        """Name the phase on the bar and add its steps to the total."""
+        self.bar.total += steps
+        self.bar.set_description_str(f"afie_fast prune: {phase}", refresh=False)
 
     def predicted(self, plan: _Plan) -> float:
         base = self.before.macs if self.unit == "flops" else self.before.params
@@ -479,8 +495,11 @@ class _Run:
 
     def apply(self, plan: _Plan, criterion: str, seed: int) -> nn.Module:
         """Cut the copy as planned, check it runs with the original's output shape, measure it."""
-        _apply(self.graph, self.units, plan, self.report, self.layers, criterion, seed)
+        self._step("cut", sum(k > 0 for k in plan.counts))
+        _apply(self.graph, self.units, plan, self.report, self.layers, criterion, seed, tick=self.bar.update)
+        self._step("check")
         self.macs, self.params = _check_runs(self.work, self.x, self.before.shape)
+        self.bar.update()
         return self.work
 
     def saved_plan(self) -> dict[str, Any]:
@@ -532,12 +551,14 @@ def _check_not_shared(calls: dict[str, int]) -> None:
                          "that reuses a conv")
 
 
-def _apply(graph: Graph, units: list[Unit], plan: _Plan, report: AFIEReport, convs, criterion: str, seed: int) -> None:
+def _apply(graph: Graph, units: list[Unit], plan: _Plan, report: AFIEReport, convs, criterion: str, seed: int,
+           tick: Callable[[], object]) -> None:
     for i, (unit, k) in enumerate(zip(units, plan.counts)):
         if k == 0:
             continue
         scores = _unit_scores(unit, report, convs, criterion, seed + i)
         graph.prune(unit, _choose(unit, scores, k))
+        tick()
 
 
 def _check_runs(model: nn.Module, example_inputs: torch.Tensor, shape: Any) -> tuple[int, int]:

@@ -292,3 +292,30 @@ def test_prune_leaves_the_garbage_collector_as_it_found_it(enabled):
         assert gc.isenabled() == enabled
     finally:
         (gc.enable if was else gc.disable)()
+
+
+def test_prune_progress_bar_counts_the_steps(monkeypatch):
+    import tqdm.auto
+
+    bars = []
+
+    class Recorded(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            self.phases, self.shown = [], not kwargs.get("disable")
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+        def set_description_str(self, desc=None, refresh=True):
+            self.phases.append(desc)
+            super().set_description_str(desc, refresh)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorded)
+    model, report = scored("resnet_basic")
+    af.prune(model, report, target=0.5, unit="flops", example_inputs=X, progress=False)
+    assert not bars[-1].shown
+    af.prune(model, report, target=0.5, unit="flops", example_inputs=X)
+    bar, convs = bars[-1], sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    assert bar.shown and bar.delay == 2.0  # shown only once prune has run 2 s
+    assert [p.split(": ")[1] for p in bar.phases] == ["trace", "groups", "cut", "check"]
+    # one step for the trace, one per conv or linear read, one per unit cut, one for the check
+    assert bar.n == bar.total > convs + 2
