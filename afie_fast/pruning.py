@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import gc
 import hashlib
 import json
@@ -18,6 +17,7 @@ import torch_pruning as tp
 from torch import nn
 
 from .calibration import recalibrate_bn
+from .copying import copy_model
 from .layers import Layer, layers_of, width
 from .coupling import Graph, Unit, build_graph, find_units, is_out_conv
 from .report import MAX_RATIO, AFIEReport, allocate_ratios, round_counts, text_table
@@ -424,7 +424,7 @@ class _Run:
     def _trace(self, count: bool = False) -> None:
         """Trace a fresh copy of the model into its graph and units; the first time, the
         same forward also measures the model (MACs, params, conv calls, output shape)."""
-        self.work = _copy(self.model)
+        self.work = copy_model(self.model)
         self.layers = layers_of(self.work)
         counting = _Counting(self.work) if count else contextlib.nullcontext()
         self._step("trace")
@@ -581,28 +581,6 @@ def _check_runs(model: nn.Module, example_inputs: torch.Tensor, shape: Any) -> t
     return after.macs, after.params
 
 
-def _copy(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)``, with its plain weights and buffers cloned up front: what
-    ``Parameter.__deepcopy__`` and ``Tensor.__deepcopy__`` would make of them, without
-    their per-tensor Python, which is a third of a CNN's copy. Any other tensor (a
-    subclass, a view sharing storage, one with a grad or attributes) is left to deepcopy."""
-    tensors = [*model.parameters(), *model.buffers()]
-    owners: dict[int, int] = {}
-    for t in tensors:
-        if t.layout == torch.strided and not t.is_quantized and t.device.type in ("cpu", "cuda"):
-            key = t.untyped_storage().data_ptr()
-            owners[key] = owners.get(key, 0) + 1
-    memo: dict[int, Any] = {}
-    for t in tensors:
-        plain = (type(t) in (nn.Parameter, torch.Tensor) and t.is_leaf and t.grad is None and not t.__dict__
-                 and owners.get(t.untyped_storage().data_ptr() if t.layout == torch.strided else -1) == 1
-                 and not t.is_quantized and (t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)))
-        if plain:
-            clone = t.detach().clone(memory_format=torch.preserve_format)
-            memo[id(t)] = nn.Parameter(clone, t.requires_grad) if type(t) is nn.Parameter else clone.requires_grad_(t.requires_grad)
-    return copy.deepcopy(model, memo)
-
-
 def _state_dict_metadata(model: nn.Module) -> dict[str, dict]:
     """Per-module state-dict metadata (versions) that safetensors does not keep but some
     modules' _load_from_state_dict need (torchvision's MNASNet, BatchNorm)."""
@@ -708,7 +686,7 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     if convs != expected:
         raise ValueError(f"{path} was made for another model ({plan['model']}): its conv layers and widths "
                          f"do not match this {type(model).__name__}")
-    rebuilt = _copy(model)
+    rebuilt = copy_model(model)
     example = torch.zeros(plan["input_shape"], dtype=getattr(torch, plan["input_dtype"]))
     with scoring_mode(rebuilt):
         build_graph(rebuilt, example).replay([[n, out, idxs] for n, out, idxs in plan["history"]])

@@ -1,5 +1,4 @@
 """prune(): physically smaller models through torch-pruning."""
-import copy
 import warnings
 
 import numpy as np
@@ -243,38 +242,6 @@ def test_prune_counts_what_torch_pruning_counts(batch):
     assert counting.measured.shape == (batch, 4)
     assert {n: set(vars(m)) for n, m in model.named_modules()} == attrs  # nothing left behind
     assert not any(m._forward_hooks for m in model.modules())
-
-
-def test_prune_copies_the_model_as_deepcopy_would():
-    from afie_fast.pruning import _copy
-
-    class Scaled(nn.Parameter):  # a subclass: left to deepcopy
-        pass
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1), nn.Linear(8, 8), nn.Linear(8, 8))
-    model[2].weight = nn.Parameter(model[2].weight.detach().to(memory_format=torch.channels_last))
-    model[4].weight = model[3].weight  # tied
-    model[1].weight.requires_grad_(False)
-    model[3].bias.grad = torch.randn(8)
-    model[0].bias = Scaled(torch.randn(8))
-    base = torch.randn(16)
-    model.register_buffer("whole", base)
-    model.register_buffer("view", base[4:12].view(2, 4))  # shares storage with "whole"
-    model[0].weight.note = "kept"
-
-    copied, reference = _copy(model), copy.deepcopy(model)
-    assert copied[4].weight is copied[3].weight and copied[3].weight is not model[3].weight
-    assert copied.view.untyped_storage().data_ptr() == copied.whole.untyped_storage().data_ptr() != base.data_ptr()
-    for (name, a), b, c in zip(copied.state_dict(keep_vars=True).items(), reference.state_dict(keep_vars=True).values(),
-                               model.state_dict(keep_vars=True).values()):
-        assert type(a) is type(b) and torch.equal(a, b) and a.stride() == b.stride(), name
-        assert a.requires_grad == b.requires_grad and a.data_ptr() != c.data_ptr(), name
-    assert (copied[3].bias.grad is None) == (reference[3].bias.grad is None)
-    assert hasattr(copied[0].weight, "note") == hasattr(reference[0].weight, "note")
-    with torch.no_grad():
-        copied[0].weight.add_(1)
-    assert not torch.equal(copied[0].weight, model[0].weight)  # nothing shared
 
 
 @pytest.mark.parametrize("enabled", [True, False])
