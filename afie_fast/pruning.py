@@ -214,10 +214,11 @@ class _Counting:
 
     The counts are Torch-Pruning's own (its per-type hooks from ``MODULES_MAPPING``, summed
     as ``count_ops_and_params`` sums them); only its bookkeeping is replaced, which walks
-    the module tree five times per count and recounts every module's parameters."""
+    the module tree five times per count and recounts every module's parameters.
+    ``per_layer=False`` counts the totals and the shape only (no per-layer costs or calls)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
+    def __init__(self, model: nn.Module, per_layer: bool = True) -> None:
+        self.model, self.per_layer = model, per_layer
         self.measured: _Measured | None = None
 
     def __enter__(self) -> "_Counting":
@@ -233,7 +234,7 @@ class _Counting:
         self.shape, self.inputs, self.hooks = [], [], []
         counted: set[str] = set()
         for name, m in self.model.named_modules():  # parents come before their children
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if self.per_layer and isinstance(m, (nn.Conv2d, nn.Linear)):
                 self.calls[name] = 0
                 self.hooks.append(m.register_forward_hook(lambda *_, n=name: self.calls.__setitem__(n, self.calls[n] + 1)))
             counter = counters.get(type(m))
@@ -260,7 +261,7 @@ class _Counting:
                 per_input = 1.0 / max(sum(self.inputs), 1)  # Torch-Pruning's counts are per input
                 layers = {n: (float(getattr(m, "__flops__", 0)) * per_input, float(sum(p.numel() for p in m.parameters())))
                           for n, m in self.model.named_modules()
-                          if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))}
+                          if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))} if self.per_layer else {}
                 macs = sum(m.__flops__ for m in self.outermost) * per_input
                 params = sum(p.numel() for p in self.model.parameters())
                 self.measured = _Measured(round(macs), int(params), layers, self.shape[0], self.calls)
@@ -568,7 +569,7 @@ def _check_runs(model: nn.Module, example_inputs: torch.Tensor, shape: Any) -> t
     if empty:
         raise RuntimeError(f"afie_fast bug: pruning left {empty[:3]} with no filters; please report it")
     try:
-        with _Counting(model) as counting, scoring_mode(model), torch.no_grad():
+        with _Counting(model, per_layer=False) as counting, scoring_mode(model), torch.no_grad():
             model(example_inputs)
         after = counting.measured
     except RuntimeError as exc:
