@@ -7,6 +7,7 @@ bound is 3× that. Both are timed in interleaved rounds on the same model.
 
     python benchmarks/bench_prune.py                     # ResNet-50/224 and torchvision's families
     python benchmarks/bench_prune.py --models resnet50 --rounds 5
+    python benchmarks/bench_prune.py --models densenet201,efficientnet_b7 --size 64   # large graphs
 """
 from __future__ import annotations
 
@@ -34,14 +35,14 @@ TORCHVISION = ["resnet18", "resnext50_32x4d", "wide_resnet50_2", "mobilenet_v2",
 LINEAR = {"convnext_tiny"}  # its width is in nn.Linear MLPs: scored with linear=True
 
 
-def build(name: str) -> tuple[nn.Module, torch.Tensor]:
+def build(name: str, size: int | None = None) -> tuple[nn.Module, torch.Tensor]:
+    size = size or (299 if name == "inception_v3" else 224)
     if name == "resnet50":
-        return resnet50().eval(), torch.randn(1, 3, 224, 224)
+        return resnet50().eval(), torch.randn(1, 3, size, size)
     from conftest import import_torchvision  # the test shim: torchvision's CUDA wheel beside a CPU torch
 
     tv = import_torchvision()
     kw = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
-    size = 299 if name == "inception_v3" else 224
     return getattr(tv.models, name)(**kw).eval(), torch.randn(1, 3, size, size)
 
 
@@ -49,6 +50,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(["resnet50", *TORCHVISION]))
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--size", type=int, default=None, help="input pixels (default 224, Inception v3 299)")
     args = ap.parse_args()
     torch.set_num_threads(2)
     # Randomly initialised MobileNet v3 runs into denormal floats, which make a CPU forward
@@ -56,8 +58,7 @@ def main() -> None:
     torch.set_flush_denormal(True)
     rows = []
     for name in args.models.split(","):
-        model, x = build(name)
-        name = name
+        model, x = build(name, args.size)
         report = af.score(model, source="weights", progress=False, linear=name in LINEAR)
 
         def floor():
