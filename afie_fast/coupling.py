@@ -32,8 +32,9 @@ _SHAPE_FUNCS = {"view", "reshape", "flatten", "unflatten", "split", "chunk", "sp
 class Unit:
     """Filters that are removed together: one torch-pruning group rooted at a conv.
 
-    ``channel_groups`` G > 1 when a grouped conv is coupled: the cut is then mirrored
-    across G equal channel groups so every group keeps the same width.
+    ``channel_groups`` G > 1 when a grouped conv is coupled, or when the root's channels
+    are G tied copies (GhostNet's halves): the cut is then mirrored across G equal channel
+    groups so every group keeps the same width and tied channels go together.
     """
 
     root: nn.Module
@@ -74,6 +75,64 @@ def _keeps_channels(shape_in: tuple[int, ...], shape_out: tuple[int, ...]) -> bo
     if shape_in[1] == shape_out[1]:
         return True
     return len(shape_out) == 2 and shape_out[1] == math.prod(shape_in[1:])
+
+
+_TIED = ("its channels are tied to each other in a pattern no mirrored cut follows (GhostNet's halves, a channel "
+         "concatenated with a depthwise conv of it, are cut as pairs): a cut would take more filters than planned")
+
+
+@contextlib.contextmanager
+def _watching_ties():
+    """For each group built inside, the pairs of its root channels that reach one channel
+    of some layer (a concat of x and a depthwise conv of x, gated or added as one tensor,
+    as in GhostNet). Torch-Pruning merges the paths into a layer keeping each channel's
+    first root, so such a group looks like independent channels, yet cutting one root
+    channel takes the other along."""
+    real, roots, ties = tp.dependency.Group.add_and_merge, {}, {}
+
+    def watching(group, dep, idxs):
+        key = (group, dep.target, dep.handler)
+        if key not in roots and len({i.idx for i in idxs}) == len(idxs):
+            roots[key] = idxs  # the common case: reached once so far, one root per channel
+        else:
+            earlier = roots.get(key, [])
+            seen = earlier if isinstance(earlier, dict) else {i.idx: i.root_idx for i in reversed(earlier)}
+            for i in idxs:
+                first = seen.setdefault(i.idx, i.root_idx)
+                if first != i.root_idx:
+                    ties.setdefault(group, set()).add((first, i.root_idx))
+            roots[key] = seen
+        real(group, dep, idxs)
+
+    tp.dependency.Group.add_and_merge = watching
+    try:
+        yield ties
+    finally:
+        tp.dependency.Group.add_and_merge = real
+
+
+def _mirrors(ties: set[tuple[int, int]], width: int) -> int | None:
+    """G when tied root channels form G mirrored copies of width/G positions (channel j
+    tied to j + width/G, j + 2·width/G, …, as GhostNet's halves), which a cut mirrored
+    across G channel groups keeps consistent; None for any other pattern."""
+    parent = list(range(width))
+
+    def find(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for a, b in ties:
+        parent[find(a)] = find(b)
+    classes: dict[int, list[int]] = {}
+    for r in range(width):
+        classes.setdefault(find(r), []).append(r)
+    g = len(classes[find(0)])
+    step = width // g
+    if width % g or any(c != [c[0] + k * step for k in range(g)] or c[0] >= step for c in classes.values()):
+        return None
+    return g
 
 
 def _updaters() -> dict:
@@ -129,14 +188,15 @@ class Graph:
         return self.dg._module2name  # torch-pruning keeps module names only here
 
     def groups(self, ignored: list[nn.Module], tick: Callable[[], object] = lambda: None
-               ) -> list[tuple[nn.Module, Any, str | None]]:
-        """(conv, its group or None, why not) for every conv's output channels, each
+               ) -> list[tuple[nn.Module, Any, str | None, int]]:
+        """(conv, its group or None, why not, G) for every conv's output channels, each
         coupled set once: torch-pruning's get_all_groups, with an error inside one group
-        confined to that group. ``tick`` is called once per conv or linear layer."""
+        confined to that group. G > 1 when the root's channels are G mirrored copies (see
+        _mirrors). ``tick`` is called once per conv or linear layer."""
         dg, visited, found = self.dg, set(), []
         with _index_mapping([]):
             tp.dependency.index_mapping.update_index_mapping(dg)  # once: nothing is cut meanwhile
-        with _index_mapping([], nodes=[]):
+        with _index_mapping([], nodes=[]), _watching_ties() as ties:
             for module in list(dg.module2node):
                 if not isinstance(module, (nn.Conv2d, nn.Linear)):
                     continue
@@ -147,12 +207,14 @@ class Graph:
                     group = dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels,
                                                  list(range(width(module))))
                 except (IndexError, KeyError, ZeroDivisionError, ValueError, TypeError, RuntimeError) as exc:
-                    found.append((module, None, f"Torch-Pruning cannot map its coupling ({type(exc).__name__}: {exc})"))
+                    found.append((module, None, f"Torch-Pruning cannot map its coupling ({type(exc).__name__}: {exc})", 1))
                     continue
                 outs = [item.dep.target.module for item in group if dg.is_out_channel_pruning_fn(item.dep.handler)]
                 visited.update(outs)
-                found.append((module, group, "ignored_layers (or coupled to one)" if any(m in ignored for m in outs)
-                              else None))
+                mirrors = _mirrors(ties[group], width(module)) if group in ties else 1
+                reason = ("ignored_layers (or coupled to one)" if any(m in ignored for m in outs) else
+                          _TIED if mirrors is None else None)
+                found.append((module, group, reason, mirrors or 1))
         return found
 
     def prune(self, unit: Unit, idxs: list[int]) -> None:
@@ -261,7 +323,7 @@ def find_units(graph: Graph, layers: Iterable[str], prune_residual: bool, ignore
     (``tick``: called per group root read, for a progress bar)."""
     dg, names, layers = graph.dg, graph.names, set(layers)
     units, skipped = [], {}
-    for root, group, reason in graph.groups(ignored, tick):
+    for root, group, reason, mirrors in graph.groups(ignored, tick):
         if group is None:
             if names[root] in layers:
                 skipped[names[root]] = reason
@@ -278,6 +340,10 @@ def find_units(graph: Graph, layers: Iterable[str], prune_residual: bool, ignore
             skipped.update((m[0], reason) for m in members if m[0] in layers)
             continue
         g = max(_channel_groups(item.dep.target.module) for item in group)
+        if mirrors > 1 and g > 1:
+            skipped.update((m[0], _TIED) for m in members if m[0] in layers)
+            continue
+        g = max(g, mirrors)  # tied copies are cut like the groups of a grouped conv: mirrored
         units.append(Unit(group[0].dep.target.module, group[0].dep.handler, members, len(group[0].idxs), g,
                           _touched(dg, group), group, _fixed_mapping(group)))
     return units, skipped

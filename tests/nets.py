@@ -171,6 +171,31 @@ class GhostBlock(nn.Module):
         return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
 
 
+class GhostSE(nn.Module):
+    """timm's GhostNet bottleneck: ghost modules (a conv and a depthwise conv of its output,
+    concatenated, no slice) whose output is gated by a squeeze-excite and added to the
+    block's input. Concat channel k and k + C/2 come from one primary filter."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.primary = nn.Sequential(nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), nn.ReLU())
+        self.cheap = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.BatchNorm2d(6), nn.ReLU())
+        self.reduce, self.expand = nn.Conv2d(12, 4, 1), nn.Conv2d(4, 12, 1)
+        self.primary2 = nn.Sequential(nn.Conv2d(12, 4, 1), nn.BatchNorm2d(4))
+        self.cheap2 = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.BatchNorm2d(4))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        a = self.primary(x)
+        y = torch.cat([a, self.cheap(a)], dim=1)
+        y = y * torch.sigmoid(self.expand(torch.relu(self.reduce(y.mean((2, 3), keepdim=True)))))
+        b = self.primary2(y)
+        y = torch.cat([b, self.cheap2(b)], dim=1) + x
+        return self.head(y.mean(dim=(2, 3)))
+
+
 class MixConv(nn.Module):
     """MixNet: the channels are split into groups, each with its own kernel size."""
 
@@ -231,7 +256,7 @@ class ConvNeXtBlock(nn.Module):
 
 
 MOTIFS = {"conv_head": ConvHead, "seg_head": SegHead, "shuffle": ShuffleNetBlock, "ghost": GhostBlock,
-          "mixconv": MixConv, "resnext": ResNeXtBlock}
+          "ghost_se": GhostSE, "mixconv": MixConv, "resnext": ResNeXtBlock}
 
 
 class Expansions(nn.Module):

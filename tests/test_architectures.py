@@ -217,3 +217,25 @@ def test_cuts_equal_torch_pruning_rebuilding_each_group(name, prune_residual, mo
     ours, theirs, fixed = cut_both_ways(model, X, monkeypatch, target=0.4, prune_residual=prune_residual)
     assert_same_cut(ours, theirs)
     assert fixed > 0  # the fixed path ran (beside rebuilt groups: VGG's flatten, the concats)
+
+
+@pytest.mark.parametrize("prune_residual", [False, True])
+def test_ghost_halves_are_cut_as_mirrored_pairs(prune_residual):
+    # cat([a, depthwise(a)]) gated by an SE and added to the input: concat channel k and
+    # k + C/2 come from filter k of the primary conv, so they must go together.
+    model, report = build("ghost_se")
+    pruned, stats = af.prune(model, report, target=0.5, example_inputs=X, prune_residual=prune_residual)
+    kept = {n: a for n, (_, a) in stats.kept.items()}
+    assert kept["primary.0"] == kept["cheap.0"] < 6 and kept["expand"] == 2 * kept["primary.0"]
+    if prune_residual:
+        assert kept["stem"] == 2 * kept["primary2.0"] == 2 * kept["cheap2.0"] < 8
+    assert pruned(X).shape == model(X).shape
+
+
+def test_tied_channels_are_cut_together_only_as_mirrored_copies():
+    from afie_fast.coupling import _mirrors
+
+    assert _mirrors({(0, 3), (1, 4), (2, 5)}, 6) == 2
+    assert _mirrors({(0, 2), (2, 4), (1, 3), (3, 5)}, 6) == 3
+    assert _mirrors({(0, 2)}, 4) is None        # some channels tied, others free
+    assert _mirrors({(0, 1), (2, 3)}, 4) is None  # neighbours tied: no mirrored layout
