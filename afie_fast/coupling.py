@@ -135,45 +135,45 @@ def _mirrors(ties: set[tuple[int, int]], width: int) -> int | None:
     return g
 
 
-def _updaters() -> dict:
-    """Torch-Pruning's index-mapping update for each node type that has one (what its
-    update_index_mapping runs over every node of the graph)."""
-    m = tp.dependency.index_mapping
-    return {OPTYPE.CONCAT: m.update_concat_index_mapping, OPTYPE.SPLIT: m.update_split_index_mapping,
-            OPTYPE.RESHAPE: m.update_reshape_index_mapping, OPTYPE.UNBIND: m.update_unbind_index_mapping,
-            OPTYPE.EXPAND: m.update_expand_index_mapping, OPTYPE.SLICE: m.update_slice_index_mapping}
+_UPDATERS = {OPTYPE.CONCAT: "update_concat_index_mapping", OPTYPE.SPLIT: "update_split_index_mapping",
+             OPTYPE.RESHAPE: "update_reshape_index_mapping", OPTYPE.UNBIND: "update_unbind_index_mapping",
+             OPTYPE.EXPAND: "update_expand_index_mapping", OPTYPE.SLICE: "update_slice_index_mapping"}
 
 
 @contextlib.contextmanager
 def _index_mapping(failed: list, nodes: list | None = None):
     """Torch-Pruning's index mapping, made tolerant and, with ``nodes``, local.
 
-    Its reshape mapping divides by an inferred channel count that is 0 for a 5-D view
-    (channel shuffle): such a node goes to ``failed`` instead of raising. And every
+    Its updates fail on couplings it cannot infer (a reshape dividing by a channel count
+    of 0 for a 5-D view, as a channel shuffle makes; a concat whose inputs' widths it
+    cannot find, as in DPN): such a node goes to ``failed`` instead of raising. And every
     get_pruning_group re-maps every node of the graph first (quadratic in its size:
     DenseNet-121 spent half of prune() there); with ``nodes``, only those are re-mapped:
     the ones a group passes through, or none while groups are read between cuts."""
     mapping = tp.dependency.index_mapping
-    real_reshape, real_update = mapping.update_reshape_index_mapping, mapping.update_index_mapping
+    real = {name: getattr(mapping, name) for name in (*_UPDATERS.values(), "update_index_mapping")}
 
-    def tolerant(graph, node):
-        try:
-            real_reshape(graph, node)
-        except (ZeroDivisionError, TypeError, ValueError, IndexError):
-            failed.append(node)
+    def tolerant(update):
+        def run(graph, node):
+            try:
+                update(graph, node)
+            except (ZeroDivisionError, TypeError, ValueError, IndexError):
+                failed.append(node)
+        return run
 
     def local(graph):
-        update = _updaters()
         for node in nodes:
-            update[node.type](graph, node)
+            getattr(mapping, _UPDATERS[node.type])(graph, node)
 
-    mapping.update_reshape_index_mapping = tolerant
+    for name in _UPDATERS.values():
+        setattr(mapping, name, tolerant(real[name]))
     if nodes is not None:
         mapping.update_index_mapping = local
     try:
         yield
     finally:
-        mapping.update_reshape_index_mapping, mapping.update_index_mapping = real_reshape, real_update
+        for name, update in real.items():
+            setattr(mapping, name, update)
 
 
 @dataclass
@@ -222,8 +222,7 @@ class Graph:
         if not unit.fixed:
             # Torch-Pruning rebuilds the group for the current widths (concat offsets move as
             # other units are cut), re-mapping only the nodes the group passes through.
-            updaters = _updaters()
-            nodes = list(dict.fromkeys(item.dep.target for item in unit.group if item.dep.target.type in updaters))
+            nodes = list(dict.fromkeys(item.dep.target for item in unit.group if item.dep.target.type in _UPDATERS))
             with _index_mapping([], nodes=nodes):
                 self.dg.get_pruning_group(unit.root, unit.handler, idxs).prune()
             return
@@ -254,7 +253,7 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> Graph:
     with _index_mapping(failed):
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, forward_fn=forward,
                                                    verbose=False)
-    opaque: dict[Any, str] = {n: "a channel reshape (e.g. a channel shuffle) Torch-Pruning cannot map" for n in failed}
+    opaque: dict[Any, str] = {n: f"a channel {_KIND.get(n.type, 'coupling')} Torch-Pruning cannot map" for n in failed}
     for node in dg.module2node.values():
         seen = recorder.shapes.get(node.grad_fn)
         if node.type == OPTYPE.RESHAPE:
@@ -279,6 +278,9 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> Graph:
                 if dep.target is node:
                     dep.index_mapping = [None, None]
     return Graph(dg, opaque)
+
+
+_KIND = {OPTYPE.RESHAPE: "reshape (e.g. a channel shuffle)", OPTYPE.CONCAT: "concat", OPTYPE.SPLIT: "split"}
 
 
 def _cut(idxs: list) -> list:

@@ -43,3 +43,11 @@ def import_torchvision():
         return pytest.importorskip("torchvision", reason="torchvision is installed by the README's test command")
     finally:
         torch.library.register_fake = real
+
+
+def import_timm():
+    """timm (installed with the test extras), imported through the torchvision shim."""
+    import_torchvision()
+    import timm
+
+    return timm

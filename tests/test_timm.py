@@ -1,0 +1,49 @@
+"""timm's CNNs, as a user picks them: couplings Torch-Pruning alone cannot handle (DPN's
+concat it cannot map, RexNet whose get_all_groups does not finish, GhostNet's tied halves,
+split attention, CSP and OSA concats). Each must prune fast and remove exactly the
+channels chosen, or refuse with the reason."""
+import warnings
+
+import pytest
+import torch
+
+import afie_fast as af
+from conftest import import_timm
+from test_architectures import zero_even_channels
+
+timm = import_timm()
+
+MODELS = ["dpn68", "ghostnet_100", "rexnet_100", "resnest14d", "dla34", "cspdarknet53", "selecsls42b",
+          "xception41", "regnety_016", "ese_vovnet19b_dw"]
+X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+
+
+def make(name):
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, num_classes=10).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", MODELS)
+def test_timm_model_prunes_exactly_the_chosen_channels(name):
+    # Every even filter is 0, so a cut of exactly those leaves the function unchanged;
+    # a coupling cut wrongly (a tied channel, a concat offset, a split) changes it.
+    model = zero_even_channels(make(name))
+    report = af.score(model, source="weights", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pruned, stats = af.prune(model, report, target=0.25, example_inputs=X[:1], allocation="uniform",
+                                 prune_residual=True, progress=False)
+    assert sum(b - a for b, a in stats.kept.values()) > 0.1 * sum(b for b, _ in stats.kept.values())
+    with torch.no_grad():
+        torch.testing.assert_close(pruned.eval()(X), model(X), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dpn68", "ghostnet_100", "rexnet_100"])
+def test_timm_model_reaches_a_flops_target(name):
+    model = make(name)
+    report = af.score(model, source="weights", progress=False)
+    pruned, stats = af.prune(model, report, target=0.5, unit="flops", example_inputs=X[:1], progress=False)
+    assert abs(stats.reached - 0.5) <= 0.01, stats.summary()
+    assert pruned(X).shape == (2, 10)
