@@ -8,10 +8,13 @@ bound is 3× that. Both are timed in interleaved rounds on the same model.
     python benchmarks/bench_prune.py                     # ResNet-50/224 and torchvision's families
     python benchmarks/bench_prune.py --models resnet50 --rounds 5
     python benchmarks/bench_prune.py --models densenet201,efficientnet_b7 --size 64   # large graphs
+    python benchmarks/bench_prune.py --models timm:rexnet_100,timm:dpn68              # timm's
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import statistics
 import sys
 import warnings
@@ -39,7 +42,10 @@ def build(name: str, size: int | None = None) -> tuple[nn.Module, torch.Tensor]:
     size = size or (299 if name == "inception_v3" else 224)
     if name == "resnet50":
         return resnet50().eval(), torch.randn(1, 3, size, size)
-    from conftest import import_torchvision  # the test shim: torchvision's CUDA wheel beside a CPU torch
+    from conftest import import_timm, import_torchvision  # the shim: torchvision's CUDA wheel beside a CPU torch
+
+    if name.startswith("timm:"):
+        return import_timm().create_model(name[5:], pretrained=False).eval(), torch.randn(1, 3, size, size)
 
     tv = import_torchvision()
     kw = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
@@ -51,6 +57,7 @@ def main() -> None:
     ap.add_argument("--models", default=",".join(["resnet50", *TORCHVISION]))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--size", type=int, default=None, help="input pixels (default 224, Inception v3 299)")
+    ap.add_argument("--floor-limit", type=int, default=300, help="seconds before the floor is given up")
     args = ap.parse_args()
     torch.set_num_threads(2)
     # Randomly initialised MobileNet v3 runs into denormal floats, which make a CPU forward
@@ -65,12 +72,18 @@ def main() -> None:
             dg = tp.DependencyGraph().build_dependency(model, example_inputs=x, verbose=False)
             return list(dg.get_all_groups(root_module_types=[nn.Conv2d]))
 
+        given_up = None
         try:
-            floor()
+            with time_limit(args.floor_limit):
+                floor()
         except ZeroDivisionError:  # Torch-Pruning alone cannot trace a channel shuffle: afie_fast's tolerant trace
             def floor():
                 return list(build_graph(model, x).groups([]))
             name += "*"
+        except TimeoutError:
+            given_up = f"> {args.floor_limit}"
+        except Exception as exc:  # noqa: BLE001 - what Torch-Pruning alone raises is the result
+            given_up = f"fails ({type(exc).__name__})"
 
         def run_prune():
             with warnings.catch_warnings():
@@ -79,16 +92,36 @@ def main() -> None:
 
         # prune() pauses the garbage collector and leaves its garbage for after it returns:
         # a collection before each call keeps the floor from paying for it.
-        times = interleaved({"floor": floor, "prune": run_prune}, repeats=args.rounds, warmup=0, collect=True)
+        fns = {"prune": run_prune} if given_up else {"floor": floor, "prune": run_prune}
+        times = interleaved(fns, repeats=args.rounds, warmup=0, collect=True)
         pruned, stats = run_prune()
-        ratio = statistics.median(p / f for p, f in zip(times["prune"], times["floor"]))
         changed = sum(a < b for b, a in stats.kept.values())
-        rows.append([name, f"{statistics.median(times['floor']):.2f}", f"{statistics.median(times['prune']):.2f}",
-                     f"{ratio:.2f}×", f"{stats.reached:.1%}", f"{changed}/{len(stats.kept)}",
+        if given_up:
+            floor_s, ratio = given_up, "—"
+        else:
+            floor_s = f"{statistics.median(times['floor']):.2f}"
+            ratio = f"{statistics.median(p / f for p, f in zip(times['prune'], times['floor'])):.2f}×"
+        rows.append([name, floor_s, f"{statistics.median(times['prune']):.2f}",
+                     ratio, f"{stats.reached:.1%}", f"{changed}/{len(stats.kept)}",
                      f"{stats.prunable_macs:.0%}", exports_and_reloads(name.rstrip("*"), pruned, x)])
         print(rows[-1], flush=True)
     print(table(["model", "graph + groups s", "prune(flops 50%) s", "ratio", "FLOPs removed", "convs pruned",
                  "prunable MACs", "export, reload"], rows))
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """TimeoutError once ``seconds`` have passed (SIGALRM: the main thread, Unix)."""
+    def up(*_):
+        raise TimeoutError
+
+    previous = signal.signal(signal.SIGALRM, up)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def exports_and_reloads(name: str, pruned: nn.Module, x: torch.Tensor) -> str:
