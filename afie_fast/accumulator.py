@@ -6,11 +6,25 @@ import torch
 from . import _ext
 
 
+def planar(y: torch.Tensor) -> torch.Tensor:
+    """A batch (N, C, *positions) as (N, C, P, W), the layout the core reads: (N, C) and
+    (N, C, L) gain unit axes, (N, C, D, H, W) merges D and H. A view whenever the strides
+    allow it (contiguous and channels_last_3d batches do), so nothing is copied."""
+    if y.dim() == 2:
+        return y[:, :, None, None]
+    if y.dim() == 3:
+        return y[:, :, None, :]
+    if y.dim() > 4:
+        return y.flatten(2, -2)
+    return y
+
+
 class CovarianceAccumulator:
     """Streaming mean and covariance of ``channels`` variables.
 
-    Each :meth:`update` adds a batch ``y`` of shape (N, C, H, W) — also (N, C) or
-    (N, C, L) — whose N·H·W positions are observations of the C channels. Any float
+    Each :meth:`update` adds a batch ``y`` of shape (N, C, *positions) — (N, C),
+    (N, C, L), (N, C, H, W) or (N, C, D, H, W) — whose N·L, N·H·W or N·D·H·W positions
+    are observations of the C channels. Any float
     dtype (float16, bfloat16, float32, float64) and any strides (contiguous,
     channels_last, sliced) are read in place without a copy. The state is the count n,
     the mean μ (C,) and the co-moment M2 = Σ (y − μ)(y − μ)ᵀ (C, C), merged batch by
@@ -88,14 +102,14 @@ class CovarianceAccumulator:
         return self._m2.clone()
 
     def update(self, y: torch.Tensor) -> "CovarianceAccumulator":
-        """Add one batch (N, C, H, W), (N, C) or (N, C, L). A batch holding NaN or Inf is
-        rejected with ValueError and leaves the state unchanged."""
+        """Add one batch (N, C, *positions), with 0 to 3 position axes. A batch holding NaN
+        or Inf is rejected with ValueError and leaves the state unchanged."""
         if not isinstance(y, torch.Tensor):
             raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
-        if y.dim() == 2:
-            y = y[:, :, None, None]
-        elif y.dim() == 3:
-            y = y[:, :, :, None]
+        if not 2 <= y.dim() <= 5:
+            raise ValueError(f"y must be (N, C) or (N, C, *positions) with up to 3 position axes, "
+                             f"got shape {tuple(y.shape)}")
+        y = planar(y)
         _ext.comoments_update(y, self._n, self._mean, self._m2, self._scratch, self._rejected, self._float_products)
         return self
 

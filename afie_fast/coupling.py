@@ -20,7 +20,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .layers import width
+from .layers import Conv, width
 
 OPTYPE = tp.ops.OPTYPE
 # torch functions whose output shape decides whether channels keep their meaning.
@@ -198,7 +198,7 @@ class Graph:
             tp.dependency.index_mapping.update_index_mapping(dg)  # once: nothing is cut meanwhile
         with _index_mapping([], nodes=[]), _watching_ties() as ties:
             for module in list(dg.module2node):
-                if not isinstance(module, (nn.Conv2d, nn.Linear)):
+                if not isinstance(module, (Conv, nn.Linear)):
                     continue
                 tick()
                 if module in visited:
@@ -289,7 +289,7 @@ def _cut(idxs: list) -> list:
 
 def is_out_conv(dg: tp.DependencyGraph, dep) -> bool:
     """Whether the dependency cuts the outputs of a conv or linear layer (its filters)."""
-    return isinstance(dep.target.module, (nn.Conv2d, nn.Linear)) and dg.is_out_channel_pruning_fn(dep.handler)
+    return isinstance(dep.target.module, (Conv, nn.Linear)) and dg.is_out_channel_pruning_fn(dep.handler)
 
 
 def _changes_output(dg: tp.DependencyGraph, item) -> bool:
@@ -298,13 +298,13 @@ def _changes_output(dg: tp.DependencyGraph, item) -> bool:
     node = item.dep.target
     if node.type == OPTYPE.OUTPUT:
         return True
-    absorbed = isinstance(node.module, (nn.Conv2d, nn.Linear)) and dg.is_in_channel_pruning_fn(item.dep.handler)
+    absorbed = isinstance(node.module, (Conv, nn.Linear)) and dg.is_in_channel_pruning_fn(item.dep.handler)
     return not node.outputs and not absorbed
 
 
 def _channel_groups(module: nn.Module) -> int:
     """G of a grouped conv (not depthwise, whose channels pair one to one), else 1."""
-    if isinstance(module, nn.Conv2d) and 1 < module.groups and not (module.groups == module.in_channels == module.out_channels):
+    if isinstance(module, Conv) and 1 < module.groups and not (module.groups == module.in_channels == module.out_channels):
         return module.groups
     return 1
 
@@ -313,7 +313,7 @@ def _touched(dg: tp.DependencyGraph, group) -> list[tuple[nn.Module, str, int]]:
     out = []
     for item in group:
         module = item.dep.target.module
-        if isinstance(module, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)):
+        if isinstance(module, (Conv, nn.Linear, nn.modules.batchnorm._BatchNorm)):
             side = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
             out.append((module, side, len(item.idxs)))
     return out
@@ -334,7 +334,7 @@ def find_units(graph: Graph, layers: Iterable[str], prune_residual: bool, ignore
         # otherwise it is cut along like any coupled layer (an SE block's excitation).
         members = [(names[item.dep.target.module], list(item.idxs), list(item.root_idxs))
                    for item in group if is_out_conv(dg, item.dep)
-                   and (isinstance(item.dep.target.module, nn.Conv2d) or names[item.dep.target.module] in layers)]
+                   and (isinstance(item.dep.target.module, Conv) or names[item.dep.target.module] in layers)]
         if not members:
             continue
         reason = reason or _why_whole(graph, group, members, layers, prune_residual)
@@ -376,6 +376,8 @@ def _why_whole(graph: Graph, group, members: list, layers: set[str], prune_resid
         return "residual stream (prune_residual=False)"
     if any(m[0] not in layers for m in members):
         return "coupled to a conv outside the report"
+    if any(isinstance(n.module, Conv) and n.module.transposed and n.module.groups > 1 for n in nodes):
+        return "a grouped transposed conv (Torch-Pruning cuts its weight as if ungrouped)"
     g = max(_channel_groups(item.dep.target.module) for item in group)
     if g > 1:
         # Mirrored cuts index channels by their position in the root's group layout.

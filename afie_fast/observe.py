@@ -1,8 +1,8 @@
 """What a layer's output covariance is accumulated from: the output itself, or, for a layer
 that maps a narrower input linearly at the same positions, that input.
 
-A 1×1 conv (unpadded, ungrouped) or a Linear layer computes y = W x + b position by
-position, so Σ_y = W Σ_x Wᵀ exactly: bias and mean drop out of a covariance. When x has
+A pointwise conv of any rank (1, 1×1 or 1×1×1; unpadded, ungrouped) or a Linear layer
+computes y = W x + b position by position, so Σ_y = W Σ_x Wᵀ exactly: bias and mean drop out of a covariance. When x has
 fewer channels than y, accumulating x costs (C_in / C_out)² of accumulating y, and the
 mapping runs once after the pass. Bottleneck expansions (ResNet's 64 → 256 … 512 → 2048)
 and inverted-residual expansions (MobileNet, EfficientNet: C → 6C) are such layers; on
@@ -14,15 +14,18 @@ import torch
 from torch import nn
 
 from . import _ext
-from .layers import Layer, width
+from .layers import Conv, Layer, width
 
 
 def through_input(layer: Layer) -> bool:
     """Whether ``layer``'s output covariance is computed from its input's (see the module doc)."""
-    if isinstance(layer, nn.Conv2d):
-        linear = (type(layer).forward is nn.Conv2d.forward and type(layer)._conv_forward is nn.Conv2d._conv_forward
-                  and layer.kernel_size == (1, 1) and layer.groups == 1
-                  and layer.padding in ((0, 0), "valid", "same"))
+    if isinstance(layer, Conv):
+        base = _stock_conv(layer)
+        pointwise = all(k == 1 for k in layer.kernel_size)
+        unpadded = layer.padding in ("valid", "same") or all(p == 0 for p in layer.padding)
+        linear = (base is not None and type(layer).forward is base.forward
+                  and type(layer)._conv_forward is base._conv_forward
+                  and pointwise and unpadded and layer.groups == 1)
         narrower = layer.in_channels < layer.out_channels
     else:
         linear = type(layer).forward is nn.Linear.forward
@@ -30,6 +33,16 @@ def through_input(layer: Layer) -> bool:
     # A stock forward only (a subclass may transform its weight, as weight-standardised convs
     # do), and finite weights, so that a NaN weight still surfaces as NaN outputs.
     return linear and narrower and bool(torch.isfinite(layer.weight).all())
+
+
+def _stock_conv(layer: Conv) -> type | None:
+    """The torch class whose forward a (non-transposed) conv runs position by position:
+    Conv1d, Conv2d or Conv3d. A transposed conv spreads each input position over a
+    kernel-sized patch, so its outputs are no linear map of its inputs at the same positions."""
+    for cls in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+        if isinstance(layer, cls):
+            return cls
+    return None
 
 
 class Observed:
@@ -42,16 +55,16 @@ class Observed:
         if not self.via_input:
             self.channels = width(layer)
         else:
-            self.channels = layer.in_channels if isinstance(layer, nn.Conv2d) else layer.in_features
+            self.channels = layer.in_channels if isinstance(layer, Conv) else layer.in_features
 
     def tensor(self, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
         """What the forward hook accumulates: the output, or the input at the output's positions."""
         if not self.via_input:
             return output
         x = args[0] if args else kwargs["input"]
-        if isinstance(self.layer, nn.Conv2d) and x.dim() == 4:
-            sy, sx = self.layer.stride
-            x = x[:, :, ::sy, ::sx]  # a 1×1 kernel at stride s reads exactly these
+        if isinstance(self.layer, Conv) and x.dim() == 2 + len(self.layer.stride):
+            # a 1×1 kernel at stride s reads exactly these, on every position axis
+            x = x[(slice(None), slice(None), *(slice(None, None, s) for s in self.layer.stride))]
         return x
 
     def weight(self) -> torch.Tensor:

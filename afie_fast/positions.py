@@ -1,6 +1,8 @@
 """Which spatial positions of a conv's output feed its covariance: all of them, or a
 seeded lattice (every s-th row and column from a per-batch offset), taken as a strided
-view that the core reads in place (no copy)."""
+view that the core reads in place (no copy). Outputs with one or three position axes
+are seen as planes first (accumulator.planar): a signal as one row, a volume's depth
+and height as one axis of rows."""
 from __future__ import annotations
 
 import math
@@ -44,16 +46,18 @@ class Lattice:
 
     def __init__(self, budget: int | None, seed: int = 0) -> None:
         self.budget, self.seed = budget, seed
-        self._offsets: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        self._offsets: dict[tuple[int, ...], list[tuple[int, int]]] = {}
 
     def view(self, y: torch.Tensor, layer: int, batch: int) -> torch.Tensor:
         """y (N, C, H, W), or a strided view of it holding the layer's positions for this batch."""
-        s = stride_for(y.shape[2], y.shape[3], self.budget)
+        h, w = y.shape[2], y.shape[3]
+        s = stride_for(h, w, self.budget)
         if s == 1:
             return y
-        key = (layer, s)
+        # An axis shorter than s (the unit axis of a 1-D signal) has only that many offsets.
+        key = (layer, s, min(s, h), min(s, w))
         if key not in self._offsets:
-            grid = [(i, j) for i in range(s) for j in range(s)]
+            grid = [(i, j) for i in range(min(s, h)) for j in range(min(s, w))]
             random.Random(self.seed * 1_000_003 + layer * 7919 + s).shuffle(grid)
             self._offsets[key] = grid
         grid = self._offsets[key]

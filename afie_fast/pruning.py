@@ -18,7 +18,8 @@ from torch import nn
 
 from .calibration import recalibrate_bn
 from .copying import copy_model
-from .layers import Layer, layers_of, width
+from .counting import Counting, Measured
+from .layers import Conv, Layer, layers_of, width
 from .coupling import Graph, Unit, build_graph, find_units, is_out_conv
 from .report import MAX_RATIO, AFIEReport, allocate_ratios, round_counts, text_table
 from .scoring import l1_scores, scoring_mode
@@ -27,13 +28,15 @@ CRITERIA = ("l1", "variance", "independence", "random")
 DEFAULT_CRITERION = "l1"
 UNITS = ("filters", "flops", "params")
 PLAN_FORMAT = "afie_fast.pruned"
-PLAN_VERSION = 2  # 2: Linear layers in "layers", state-dict metadata
+PLAN_VERSION = 3  # 2: Linear layers in "layers", state-dict metadata; 3: every conv kind in "layers"
 PROGRESS_DELAY_S = 2.0  # prune() shows its bar only once it has run this long
 
 
 @dataclass
 class PruneStats:
-    """What prune() did: params and FLOPs (MACs) before and after, filters kept per layer."""
+    """What prune() did: params and MACs per input before and after (FLOPs / 2 as
+    torch.utils.flop_counter.FlopCounterMode counts them: conv, linear, matmul), filters
+    kept per layer."""
 
     params_before: int
     params_after: int
@@ -82,7 +85,7 @@ def _check_report(model: nn.Module, report: AFIEReport) -> dict[str, Layer]:
              for n in report.layers if n in convs and width(convs[n]) != report.layers[n].n_filters]
     if missing or wrong:
         raise ValueError("the report does not match this model: "
-                         + "; ".join(([f"no Conv2d or Linear named {missing[:5]}"] if missing else []) + wrong[:5]))
+                         + "; ".join(([f"no conv or Linear layer named {missing[:5]}"] if missing else []) + wrong[:5]))
     return convs
 
 
@@ -123,11 +126,12 @@ def _choose(unit: Unit, scores: torch.Tensor, k: int) -> list[int]:
 
 
 class _CostModel:
-    """MACs and params of the model as a function of each unit's cut: Torch-Pruning's own
-    per-layer counts, conv and linear scaled by their kept input and output fractions, BN
-    by its kept channels. prune() searches a FLOPs/params target on this, then measures."""
+    """MACs and params of the model as a function of each unit's cut: the per-layer counts
+    of one measured forward, conv and linear scaled by their kept input and output
+    fractions, BN by its kept channels. prune() searches a FLOPs/params target on this,
+    then measures."""
 
-    def __init__(self, measured: "_Measured", names: dict[nn.Module, str], units: list[Unit]):
+    def __init__(self, measured: Measured, names: dict[nn.Module, str], units: list[Unit]):
         self.macs0, self.params0, self.units = measured.macs, measured.params, units
         self.cost = {m: measured.layers[n] for m, n in names.items() if n in measured.layers}
 
@@ -145,7 +149,7 @@ class _CostModel:
             dims = _dims(module)
             keep_out = 1 - out / dims[0]
             keep_in = 1 - inn / dims[1] if dims[1] else 1.0
-            depthwise = isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels
+            depthwise = isinstance(module, Conv) and module.groups == module.in_channels == module.out_channels
             keep = min(keep_out, keep_in) if depthwise or dims[1] is None else keep_out * keep_in
             macs -= m_cost * (1 - keep)
             params -= p_cost * (1 - keep)
@@ -153,7 +157,7 @@ class _CostModel:
 
 
 def _dims(module: nn.Module) -> tuple[int, int | None]:
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, Conv):
         return module.out_channels, module.in_channels
     if isinstance(module, nn.Linear):
         return module.out_features, module.in_features
@@ -180,96 +184,6 @@ def _max_target(units: list[Unit]) -> float:
     """The largest fraction of the units' filters the caps allow (0.99, one kept per group)."""
     total = sum(u.width for u in units)
     return sum(min(MAX_RATIO * u.width, u.width - u.channel_groups) for u in units) / total
-
-
-@dataclass
-class _Measured:
-    """One instrumented forward: Torch-Pruning's MAC and param counts (total and per
-    conv/linear/BN layer by name), the output shape, and how often each conv ran."""
-
-    macs: int
-    params: int
-    layers: dict[str, tuple[float, float]]
-    shape: Any  # of the output, see _shapes
-    calls: dict[str, int]
-
-
-def _conv_flops(conv: nn.Conv2d, args, out) -> None:
-    """Torch-Pruning's conv_flops_counter_hook in integer arithmetic (its numpy products
-    were half the counting time)."""
-    positions = args[0].shape[0] * math.prod(out.shape[2:])
-    per_position = math.prod(conv.kernel_size) * conv.in_channels * (conv.out_channels // conv.groups)
-    conv.__flops__ += per_position * positions + (conv.out_channels * positions if conv.bias is not None else 0)
-
-
-def _bn_flops(bn: nn.modules.batchnorm._BatchNorm, args, out) -> None:
-    """Torch-Pruning's bn_flops_counter_hook in integer arithmetic."""
-    bn.__flops__ += args[0].numel() * (2 if bn.affine else 1)
-
-
-class _Counting:
-    """Counts what the forwards run inside it do, on the model itself (no copy): Torch-
-    Pruning's MACs and params, each conv's calls, the output's shape. ``measured`` holds
-    the result after a clean exit, and the model is left as it was found.
-
-    The counts are Torch-Pruning's own (its per-type hooks from ``MODULES_MAPPING``, summed
-    as ``count_ops_and_params`` sums them); only its bookkeeping is replaced, which walks
-    the module tree five times per count and recounts every module's parameters.
-    ``per_layer=False`` counts the totals and the shape only (no per-layer costs or calls)."""
-
-    def __init__(self, model: nn.Module, per_layer: bool = True) -> None:
-        self.model, self.per_layer = model, per_layer
-        self.measured: _Measured | None = None
-
-    def __enter__(self) -> "_Counting":
-        op_counter = tp.utils.op_counter
-        counters = {**op_counter.MODULES_MAPPING, **op_counter.CUSTOM_MODULES_MAPPING}
-        for kind, theirs, ours in ((nn.Conv2d, op_counter.conv_flops_counter_hook, _conv_flops),
-                                   (nn.BatchNorm2d, op_counter.bn_flops_counter_hook, _bn_flops)):
-            if counters.get(kind) is theirs:
-                counters[kind] = ours
-        self.counters: list[nn.Module] = []
-        self.outermost: list[nn.Module] = []  # the total sums these: counted modules inside none
-        self.calls: dict[str, int] = {}
-        self.shape, self.inputs, self.hooks = [], [], []
-        counted: set[str] = set()
-        for name, m in self.model.named_modules():  # parents come before their children
-            if self.per_layer and isinstance(m, (nn.Conv2d, nn.Linear)):
-                self.calls[name] = 0
-                self.hooks.append(m.register_forward_hook(lambda *_, n=name: self.calls.__setitem__(n, self.calls[n] + 1)))
-            counter = counters.get(type(m))
-            if counter is None:
-                continue
-            m.__flops__ = 0
-            self.hooks.append(m.register_forward_hook(counter))
-            self.counters.append(m)
-            parts = name.split(".")
-            if not any(".".join(parts[:i]) in counted for i in range(len(parts))):
-                self.outermost.append(m)
-            counted.add(name)
-
-        def top(_m, args, out):
-            self.inputs.append(len(args[0]) if args and hasattr(args[0], "__len__") else 1)
-            self.shape.append(_shapes(out))
-
-        self.hooks.append(self.model.register_forward_hook(top))
-        return self
-
-    def __exit__(self, exc_type, *_) -> None:
-        try:
-            if exc_type is None:
-                per_input = 1.0 / max(sum(self.inputs), 1)  # Torch-Pruning's counts are per input
-                layers = {n: (float(getattr(m, "__flops__", 0)) * per_input, float(sum(p.numel() for p in m.parameters())))
-                          for n, m in self.model.named_modules()
-                          if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm))} if self.per_layer else {}
-                macs = sum(m.__flops__ for m in self.outermost) * per_input
-                params = sum(p.numel() for p in self.model.parameters())
-                self.measured = _Measured(round(macs), int(params), layers, self.shape[0], self.calls)
-        finally:
-            for h in self.hooks:
-                h.remove()
-            for m in self.counters:
-                m.__dict__.pop("__flops__", None)
 
 
 def _prunable_share(cost: _CostModel, units: list[Unit]) -> tuple[float, float]:
@@ -309,9 +223,10 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
         model: the model the report was made for; it is not modified.
         report: from :func:`afie_fast.score`.
         target: fraction of ``unit`` to remove.
-        unit: "filters" (of the prunable convs), "flops" (MACs) or "params"; for the
-            last two the filter fraction is searched on a cost model of the graph so that
-            the measured reduction lands within 1% of ``target``.
+        unit: "filters" (of the prunable convs), "flops" (as FlopCounterMode counts them:
+            conv, linear, matmul) or "params"; for the last two the filter fraction is
+            searched on a cost model of the graph so that the measured reduction lands
+            within 1% of ``target``.
         example_inputs: an input batch for tracing and counting, e.g. ``torch.randn(1, 3, 32, 32)``.
         criterion: which filters within a layer: "l1", "variance", "independence"
             (activations reports), or "random" (seeded). Default "l1".
@@ -427,16 +342,16 @@ class _Run:
         same forward also measures the model (MACs, params, conv calls, output shape)."""
         self.work = copy_model(self.model)
         self.layers = layers_of(self.work)
-        counting = _Counting(self.work) if count else contextlib.nullcontext()
+        counting = Counting(self.work) if count else contextlib.nullcontext()
         self._step("trace")
         with scoring_mode(self.work), counting:  # eval while tracing: BN statistics must not move
             self.graph = build_graph(self.work, self.x)
         self.bar.update()
-        self._step("groups", sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in self.graph.dg.module2node))
+        self._step("groups", sum(isinstance(m, (Conv, nn.Linear)) for m in self.graph.dg.module2node))
         if count:
             self.before = counting.measured
             _check_not_shared({n: k for n, k in self.before.calls.items()
-                               if n in self.report.layers or isinstance(self.layers[n], nn.Conv2d)})
+                               if n in self.report.layers or isinstance(self.layers[n], Conv)})
         self.units, self.skipped = find_units(self.graph, self.report.layers, self.prune_residual,
                                               [self.layers[n] for n in self.ignored], tick=self.bar.update)
         self.cost = _CostModel(self.before, self.graph.names, self.units)
@@ -488,7 +403,11 @@ class _Run:
         if self.unit == "filters":
             return plan, work
         for _ in range(3):
-            if abs(self.reached - target) <= 0.01 or plan.filter_target >= self.max_target - 1e-6 and self.reached < target:
+            close = abs(self.reached - target) <= 0.01
+            at_most = plan.filter_target >= self.max_target - 1e-6 and self.reached < target
+            # A cost model that predicted the measurement leaves only whole filters' granularity.
+            granular = abs(self.predicted(plan) - self.reached) < 1e-6
+            if close or at_most or granular:
                 break
             plan = self.plan(min(max(self.predicted(plan) + target - self.reached, 0.0), 1.0), fresh=True)
             work = self.apply(plan, criterion, seed)
@@ -526,20 +445,9 @@ def _ignored_names(ignored_layers, convs: dict[str, Layer]) -> list[str]:
     unknown = [x for x in ignored_layers if (x not in convs if isinstance(x, str) else id(x) not in name_of)]
     if unknown:
         shown = [x if isinstance(x, str) else type(x).__name__ for x in unknown]
-        raise ValueError(f"ignored_layers: {shown} are not Conv2d or Linear layers of the model "
+        raise ValueError(f"ignored_layers: {shown} are not conv or Linear layers of the model "
                          f"(it has: {', '.join(list(convs)[:8])}{' …' if len(convs) > 8 else ''})")
     return [x if isinstance(x, str) else name_of[id(x)] for x in ignored_layers]
-
-
-def _shapes(out: Any) -> Any:
-    """The shapes of a model output: a tensor, or tuples, lists and dicts of them."""
-    if isinstance(out, torch.Tensor):
-        return tuple(out.shape)
-    if isinstance(out, (tuple, list)):
-        return tuple(_shapes(o) for o in out)
-    if isinstance(out, dict):
-        return tuple((k, _shapes(v)) for k, v in out.items())
-    return type(out).__name__
 
 
 def _check_not_shared(calls: dict[str, int]) -> None:
@@ -569,7 +477,7 @@ def _check_runs(model: nn.Module, example_inputs: torch.Tensor, shape: Any) -> t
     if empty:
         raise RuntimeError(f"afie_fast bug: pruning left {empty[:3]} with no filters; please report it")
     try:
-        with _Counting(model, per_layer=False) as counting, scoring_mode(model), torch.no_grad():
+        with Counting(model, per_layer=False) as counting, scoring_mode(model), torch.no_grad():
             model(example_inputs)
         after = counting.measured
     except RuntimeError as exc:
@@ -681,8 +589,10 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
                          "(damaged or edited after save_pruned)")
     if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT or int(plan.get("version", 0)) > PLAN_VERSION:
         raise ValueError(f"{path}: unknown or newer pruning plan format")
-    # Plans before version 2 list only the Conv2d layers.
-    convs = {n: width(m) for n, m in layers_of(model, linear=int(plan.get("version", 1)) >= 2).items()}
+    # Plans list the Conv2d layers only before version 2, and no other conv kind before 3.
+    version = int(plan.get("version", 1))
+    kinds = (Conv, nn.Linear) if version >= 3 else (nn.Conv2d, nn.Linear) if version == 2 else (nn.Conv2d,)
+    convs = {n: width(m) for n, m in layers_of(model).items() if isinstance(m, kinds)}
     expected = {n: b for n, (b, _) in plan["layers"].items()}
     if convs != expected:
         raise ValueError(f"{path} was made for another model ({plan['model']}): its conv layers and widths "

@@ -8,15 +8,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from .layers import KINDS
+
 FORMAT = "afie_fast.report"
-VERSION = 2  # 2: a SHA-256 of the content; version 1 files (no checksum) still load
+VERSION = 3  # 2: a SHA-256 of the content (version 1 files, without, still load); 3: each layer's kind
 CRITERIA = ("l1", "variance", "independence")
 MAX_RATIO = 0.99  # the paper's cap on a layer's pruning ratio
 
 
 @dataclass(frozen=True)
 class LayerScore:
-    """AFIE of one Conv2d layer.
+    """AFIE of one conv (or Linear) layer.
 
     Attributes:
         name: the module's qualified name in the model.
@@ -27,10 +29,12 @@ class LayerScore:
             kernel-averaged weights, or square roots of the activation covariance's
             eigenvalues.
         filter_scores: criterion name → one importance per filter (higher = keep).
-        n_samples: activation observations (N·H·W summed over batches); 0 for weights.
+        n_samples: activation observations (N × positions summed over batches); 0 for weights.
         shape_baseline: ln(p) / c_l, the AFIE a flat spectrum of the same length gives.
             After min-max and softmax K_l lies within ~0.12 nats of ln p, so compare
             every AFIE with this to see how much of it is layer shape.
+        kind: the module type: "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d/2d/3d" or
+            "Linear" ("" when not recorded, as in reports saved before version 3).
     """
 
     name: str
@@ -41,6 +45,7 @@ class LayerScore:
     filter_scores: dict[str, tuple[float, ...]] = field(default_factory=dict)
     n_samples: int = 0
     shape_baseline: float = 0.0
+    kind: str = ""
 
 
 class AFIEReport:
@@ -88,13 +93,13 @@ class AFIEReport:
 
     # ---- presentation -----------------------------------------------------------------
     def summary(self, target: float = 0.5) -> str:
-        """A plain-text table: layer, filters, samples, K, AFIE, shape baseline, ratio."""
+        """A plain-text table: layer, kind, filters, samples, K, AFIE, shape baseline, ratio."""
         try:
             ratios = self.ratios(target)
         except ValueError:
             ratios = {}
-        head = ("layer", "filters", "samples", "K", "AFIE", "ln(p)/c", f"ratio@{target:.0%}")
-        rows = [(ls.name, str(ls.n_filters), f"{ls.n_samples:,}", f"{ls.entropy:.4f}", f"{ls.afie:.5f}",
+        head = ("layer", "kind", "filters", "samples", "K", "AFIE", "ln(p)/c", f"ratio@{target:.0%}")
+        rows = [(ls.name, ls.kind or "?", str(ls.n_filters), f"{ls.n_samples:,}", f"{ls.entropy:.4f}", f"{ls.afie:.5f}",
                  f"{ls.shape_baseline:.5f}", f"{ratios[ls.name]:.3f}" if ratios else "-") for ls in self]
         return f"AFIE report ({self.source}, {len(self)} layers)\n" + text_table(head, rows)
 
@@ -131,7 +136,7 @@ class AFIEReport:
         try:
             if data.get("source") not in ("activations", "weights"):
                 raise ValueError(f"source {data.get('source')!r}")
-            layers = [_layer_from_dict(d) for d in data["layers"]]
+            layers = [_layer_from_dict(d, version) for d in data["layers"]]
             return cls(layers, source=str(data["source"]), meta=dict(data.get("meta", {})))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"{origin}: corrupt afie_fast report ({type(exc).__name__}: {exc})") from exc
@@ -203,7 +208,7 @@ def _finite(values, what: str, minimum: float | None = None) -> tuple[float, ...
     return out
 
 
-def _layer_from_dict(d: dict[str, Any]) -> LayerScore:
+def _layer_from_dict(d: dict[str, Any], version: int) -> LayerScore:
     """One layer of a saved report, every field checked: what reaches prune() is sound."""
     name = d["name"]
     if not isinstance(name, str) or not name:
@@ -227,8 +232,11 @@ def _layer_from_dict(d: dict[str, Any]) -> LayerScore:
     n = d["n_samples"]
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
         raise ValueError(f"layer {name!r}: n_samples {n!r}")
-    return LayerScore(name=name, n_filters=c, entropy=entropy, afie=afie, spectrum=spectrum, filter_scores=scores,
-                      n_samples=n, shape_baseline=baseline)
+    kind = d["kind"] if version >= 3 else ""
+    if kind not in (*KINDS, ""):  # "": not recorded
+        raise ValueError(f"layer {name!r}: unknown kind {kind!r}")
+    return LayerScore(name=name, kind=kind, n_filters=c, entropy=entropy, afie=afie, spectrum=spectrum,
+                      filter_scores=scores, n_samples=n, shape_baseline=baseline)
 
 
 def allocate_ratios(afie_and_width: Mapping[str, tuple[float, int]], target: float, max_target: float) -> dict[str, float]:

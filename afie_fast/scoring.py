@@ -1,4 +1,4 @@
-"""afie_fast.score: stream a loader through a model's Conv2d (and Linear) layers, or read their weights."""
+"""afie_fast.score: stream a loader through a model's convs (and Linear layers), or read their weights."""
 from __future__ import annotations
 
 import math
@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from . import _ext
-from .accumulator import CovarianceAccumulator
-from .layers import Layer, layers_of, width
+from .accumulator import CovarianceAccumulator, planar
+from .layers import Conv, Layer, filter_weights, kind, layers_of, width
 from .observe import Observed, output_moments
 from .positions import Lattice, resolve
 from .report import AFIEReport, LayerScore
@@ -22,14 +22,15 @@ LayerSelector = Sequence[str] | Callable[[str, Layer], bool] | None
 
 
 def select_layers(model: nn.Module, layers: LayerSelector = None, linear: bool = False) -> dict[str, Layer]:
-    """The model's Conv2d (and, with ``linear``, Linear) modules by qualified name,
+    """The model's convs (and, with ``linear``, Linear) modules by qualified name,
     narrowed by names or a predicate."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     found = layers_of(model, linear)
-    kinds = "Conv2d or Linear" if linear else "Conv2d"
+    kinds = "conv (nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d) or nn.Linear" if linear else \
+        "conv (nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d)"
     if not found:
-        raise ValueError(f"{type(model).__name__} has no nn.{kinds} layers to score")
+        raise ValueError(f"{type(model).__name__} has no {kinds} layers to score")
     if layers is None:
         return found
     if callable(layers):
@@ -80,17 +81,18 @@ def scoring_mode(model: nn.Module) -> Iterator[None]:
 
 
 def weight_spectrum(layer: Layer) -> torch.Tensor:
-    """The paper's data-free spectrum: singular values of the kernel-averaged weight
-    (c_l, I/g, kh, kw) → (c_l, I/g); of a Linear layer, of its weight (out, in)."""
-    w = layer.weight.detach().to("cpu", torch.float64)
-    return _ext.singular_values(w.mean(dim=(2, 3)) if w.dim() == 4 else w)
+    """The paper's data-free spectrum: singular values of the weight averaged over every
+    kernel axis, (c_l, I/g, *k) → (c_l, I/g) (a transposed conv's weight read filter by
+    filter, see filter_weights); of a Linear layer, of its weight (out, in)."""
+    w = filter_weights(layer).to("cpu", torch.float64)
+    return _ext.singular_values(w.flatten(2).mean(dim=2) if w.dim() > 2 else w)
 
 
 def l1_scores(conv: Layer) -> torch.Tensor:
     """L1 norm of each filter's weights."""
     # float32 sums (~1e-6 relative, enough to order filters) run 4x faster than float64
     # ones, and score() computes this for every weight of the model.
-    return torch.linalg.vector_norm(conv.weight.detach().to("cpu").flatten(1), 1, dim=1).double()
+    return torch.linalg.vector_norm(filter_weights(conv).to("cpu").flatten(1), 1, dim=1).double()
 
 
 def activation_spectrum(w: torch.Tensor, eps: float = torch.finfo(torch.float64).eps,
@@ -120,7 +122,7 @@ def _layer_score(name: str, layer: Layer, spectrum: torch.Tensor, filter_scores:
                  n_samples: int) -> LayerScore:
     c = width(layer)
     k = _ext.spectrum_entropy(spectrum)
-    return LayerScore(name=name, n_filters=c, entropy=k, afie=k / c,
+    return LayerScore(name=name, kind=kind(layer), n_filters=c, entropy=k, afie=k / c,
                       spectrum=tuple(spectrum.sort(descending=True).values.tolist()),
                       filter_scores={key: tuple(v.tolist()) for key, v in filter_scores.items()},
                       n_samples=n_samples, shape_baseline=math.log(spectrum.numel()) / c)
@@ -155,10 +157,15 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
           progress: bool = True, distributed: bool = False, input_fn: Callable[[Any], Any] | None = None,
           criteria: Sequence[str] | None = None, precision: str = "float32", linear: bool = False,
           positions: str | int = "auto", seed: int = 0) -> AFIEReport:
-    """Score every Conv2d of ``model`` with AFIE (and every Linear, with ``linear=True``).
+    """Score every convolution of ``model`` with AFIE (and every Linear, with ``linear=True``).
+
+    Convolutions of every kind go through one path: nn.Conv1d, Conv2d, Conv3d (grouped and
+    depthwise too) and the transposed convs, whose filters are their output channels; the
+    observations of a layer are every (sample, position) pair of its output, whatever the
+    number of position axes.
 
     Args:
-        model: any nn.Module with Conv2d layers; never changed (eval mode while scoring,
+        model: any nn.Module with conv layers; never changed (eval mode while scoring,
             each module's mode restored, hooks removed even on error).
         loader: an iterable of batches (a tensor, a tuple/list whose first tensor is the
             input, or a dict with "input"). Needed for ``source="activations"``.
@@ -167,7 +174,7 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
             narrower input x and maps it, Σ_y = W Σ_x Wᵀ: exact, and (C_in/C_out)² of
             the work); "weights" (default without one): the paper's data-free spectrum
             of the kernel-averaged weights.
-        layers: Conv2d names, or a predicate ``(name, module) -> bool``; default all.
+        layers: conv (or Linear) names, or a predicate ``(name, module) -> bool``; default all.
         max_batches: stop after this many batches.
         device: where the model runs; default the device of its parameters.
         progress: show a tqdm bar and a one-line summary.
@@ -295,12 +302,13 @@ def stream_activations(model: nn.Module, loader: Iterable, layers: dict[str, Obs
             y = layers[name].tensor(args, kwargs, output)
             if isinstance(module, nn.Linear):  # (..., C): every leading position is an observation
                 y = y.reshape(-1, y.shape[-1])
-            elif output.dim() != 4:  # Conv2d also runs on an unbatched (C, H, W) input
+            elif output.dim() != 2 + len(module.kernel_size):  # convs also run on unbatched inputs
+                axes = ("L", "H, W", "D, H, W")[len(module.kernel_size) - 1]
                 raise ValueError(f"layer {name!r}, batch {batch_index}: the conv gave a {output.dim()}-D output "
-                                 f"{tuple(output.shape)}; a batch of images is (N, C, H, W): add the batch "
+                                 f"{tuple(output.shape)}; a batch is (N, C, {axes}): add the batch "
                                  f"dimension (x.unsqueeze(0)) to an unbatched input")
-            else:
-                y = lattice.view(y, index, batch_index)
+            else:  # positions on one or three axes as a plane (a view), then the lattice
+                y = lattice.view(planar(y), index, batch_index)
             try:
                 accs[name].update(y)
             except ValueError as exc:

@@ -1,5 +1,6 @@
 """Small test architectures: a VGG-style stack, a bottleneck ResNet, grouped/depthwise convs,
-a concat, and a depthwise-separable block."""
+a concat, a depthwise-separable block, the motifs of timm's and torchvision's CNNs, and
+nets of every conv kind (1-D ResNet, TCN, 3-D ResNet, U-Net with transposed convs)."""
 import torch
 from torch import nn
 
@@ -88,7 +89,7 @@ def randomised(model, seed=0):
     """A model with random BN statistics so activations are not trivially normalised."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):  # 1-D, 2-D and 3-D alike
             m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
@@ -278,3 +279,126 @@ class Expansions(nn.Module):
         d = self.down(y)
         h = self.fc1(y.permute(0, 2, 3, 1))
         return self.head(torch.cat([h.mean(dim=(1, 2)), d.mean(dim=(2, 3))], dim=1))
+
+
+# Every convolution kind (Conv1d, Conv3d, ConvTranspose2d): the motifs of audio and time-
+# series CNNs, video CNNs and segmentation decoders.
+
+class Bottleneck1d(nn.Module):
+    """A 1-D bottleneck: reduce, a wide grouped kernel, then a widening pointwise conv
+    (observed through its input), added to a (downsampled) shortcut."""
+
+    def __init__(self, cin, mid, cout, stride=1):
+        super().__init__()
+        self.reduce, self.bn1 = nn.Conv1d(cin, mid, 1, bias=False), nn.BatchNorm1d(mid)
+        self.conv = nn.Conv1d(mid, mid, 7, stride=stride, padding=3, groups=4, bias=False)  # ResNeXt-style
+        self.bn2 = nn.BatchNorm1d(mid)
+        self.expand, self.bn3 = nn.Conv1d(mid, cout, 1, bias=False), nn.BatchNorm1d(cout)
+        self.down = (nn.Sequential(nn.Conv1d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm1d(cout))
+                     if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.reduce(x)))
+        y = torch.relu(self.bn2(self.conv(y)))
+        return torch.relu(self.bn3(self.expand(y)) + self.down(x))
+
+
+class ResNet1d(nn.Module):
+    """An ECG-style 1-D ResNet on 2-lead signals: (N, 2, L) → 4 classes."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv1d(2, 16, 15, stride=2, padding=7, bias=False), nn.BatchNorm1d(16), nn.ReLU())
+        self.blocks = nn.Sequential(Bottleneck1d(16, 8, 32), Bottleneck1d(32, 12, 48, stride=2), Bottleneck1d(48, 12, 48))
+        self.head = nn.Linear(48, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean(dim=2))
+
+
+class TemporalBlock(nn.Module):
+    """A TCN block: two dilated causal convs (padded, then the look-ahead chomped off; the
+    second may be depthwise) and a residual, through a pointwise conv where the width changes."""
+
+    def __init__(self, cin, cout, dilation, k=3, depthwise=False):
+        super().__init__()
+        self.chomp = (k - 1) * dilation
+        self.conv1 = nn.Conv1d(cin, cout, k, dilation=dilation, padding=self.chomp)
+        self.conv2 = nn.Conv1d(cout, cout, k, dilation=dilation, padding=self.chomp, groups=cout if depthwise else 1)
+        self.down = nn.Conv1d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        y = torch.relu(self.conv1(x)[:, :, :-self.chomp])
+        y = torch.relu(self.conv2(y)[:, :, :-self.chomp])
+        return torch.relu(y + self.down(x))
+
+
+class TCN(nn.Module):
+    """A dilated temporal convolutional network predicting from the last time step."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.blocks = nn.Sequential(TemporalBlock(3, 16, 1), TemporalBlock(16, 16, 2, depthwise=True),
+                                    TemporalBlock(16, 24, 4))
+        self.head = nn.Linear(24, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(x)[:, :, -1])
+
+
+class BasicBlock3d(nn.Module):
+    def __init__(self, cin, cout, stride=1, groups=1):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm3d(cout)
+        self.conv2 = nn.Conv3d(cout, cout, 3, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm3d(cout)
+        self.down = (nn.Sequential(nn.Conv3d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm3d(cout))
+                     if stride != 1 or cin != cout else nn.Identity())
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.down(x))
+
+
+class ResNet3d(nn.Module):
+    """A small video ResNet in the shape of torchvision's r3d_18: (N, 3, T, H, W) clips."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv3d(3, 16, (3, 7, 7), stride=(1, 2, 2), padding=(1, 3, 3), bias=False),
+                                  nn.BatchNorm3d(16), nn.ReLU())
+        self.layers = nn.Sequential(BasicBlock3d(16, 16), BasicBlock3d(16, 32, stride=2, groups=4))
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x):
+        return self.head(self.layers(self.stem(x)).mean(dim=(2, 3, 4)))
+
+
+def double_conv(cin, cout):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class UNet(nn.Module):
+    """A two-level U-Net: transposed convs upsample, skips are concatenated, a 1×1 conv
+    gives the per-pixel class map (never pruned: it is the output)."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.enc1, self.enc2, self.bottom = double_conv(3, 8), double_conv(8, 16), double_conv(16, 32)
+        self.up2, self.dec2 = nn.ConvTranspose2d(32, 16, 2, stride=2), double_conv(32, 16)
+        self.up1, self.dec1 = nn.ConvTranspose2d(16, 8, 2, stride=2), double_conv(16, 8)
+        self.head = nn.Conv2d(8, classes, 1)
+
+    def forward(self, x):
+        e1 = self.enc1(x)
+        e2 = self.enc2(nn.functional.max_pool2d(e1, 2))
+        b = self.bottom(nn.functional.max_pool2d(e2, 2))
+        d2 = self.dec2(torch.cat([self.up2(b), e2], dim=1))
+        d1 = self.dec1(torch.cat([self.up1(d2), e1], dim=1))
+        return self.head(d1)
+
+
+# name → (builder, one input batch's shape)
+CONV_KINDS = {"resnet1d": (ResNet1d, (4, 2, 256)), "tcn": (TCN, (4, 3, 64)),
+              "resnet3d": (ResNet3d, (2, 3, 4, 16, 16)), "unet": (UNet, (2, 3, 16, 16))}

@@ -28,3 +28,13 @@ def rel_err(a, b):
     """Largest absolute difference relative to the largest magnitude of the reference b."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def macs_and_params(model, x):
+    """MACs per input (FLOPs / 2, as torch.utils.flop_counter.FlopCounterMode counts them:
+    conv, linear, matmul) and the parameter count: what prune() reports."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return round(counter.get_total_flops() / 2 / len(x)), sum(p.numel() for p in model.parameters())

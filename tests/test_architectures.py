@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import afie_fast as af
+from afie_fast.layers import width
 from nets import ARCHS, MOTIFS, ConvNeXtBlock, loader, randomised
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7))
@@ -20,17 +21,19 @@ def build(name, seed=0):
 
 
 def zero_even_channels(model):
-    """Make every even-indexed filter of every conv output exactly 0 (weights, bias, and
-    the BN after it), so that those channels carry nothing through the network."""
+    """Make every even-indexed filter of every conv (any rank, transposed too) and Linear
+    output exactly 0 (weights, bias, and the BN after it), so that those channels carry
+    nothing through the network."""
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and m.weight.shape[0] >= 2:
-                m.weight[::2] = 0
+            if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) and width(m) >= 2:
+                (m.weight[:, ::2] if getattr(m, "transposed", False) else m.weight[::2]).zero_()
                 if m.bias is not None:
                     m.bias[::2] = 0
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.running_mean[::2] = 0
-                m.bias[::2] = 0
+                if m.bias is not None:
+                    m.bias[::2] = 0
     return model
 
 

@@ -1,4 +1,6 @@
 """Every bad input to the low-level API is a clear error naming the culprit."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -12,9 +14,11 @@ def test_wrong_channel_count(gen):
         acc.update(torch.randn(2, 5, 3, 3, generator=gen))
 
 
-def test_wrong_ndim(gen):
-    with pytest.raises(ValueError, match=r"4-D .* got shape \(2, 4, 3, 3, 1\)"):
-        af.CovarianceAccumulator(4).update(torch.randn(2, 4, 3, 3, 1, generator=gen))
+@pytest.mark.parametrize("shape", [(4,), (2, 4, 3, 3, 1, 2)])
+def test_wrong_ndim(gen, shape):
+    # (N, C) up to (N, C, D, H, W) are batches; fewer or more axes are not.
+    with pytest.raises(ValueError, match=re.escape(f"up to 3 position axes, got shape {shape}")):
+        af.CovarianceAccumulator(4).update(torch.randn(shape, generator=gen))
 
 
 def test_integer_dtype():

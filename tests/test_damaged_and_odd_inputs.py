@@ -63,10 +63,22 @@ def test_shortened_scores_and_unknown_criteria_are_refused(scored, tmp_path):
                                 lambda d: d["layers"][1]["filter_scores"].update(magic=[1.0] * 12), rehash=True))
 
 
+def test_layer_kinds_are_checked(scored, tmp_path):
+    assert [ls.kind for ls in af.AFIEReport.load(scored[1].save(tmp_path / "a.json"))] == ["Conv2d"] * 3
+    with pytest.raises(ValueError, match="layer '3': unknown kind 'Conv4d'"):
+        af.AFIEReport.load(edit(scored[1].save(tmp_path / "b.json"),
+                                lambda d: d["layers"][1].update(kind="Conv4d"), rehash=True))
+    with pytest.raises(ValueError, match="KeyError: 'kind'"):  # version 3 records every layer's kind
+        af.AFIEReport.load(edit(scored[1].save(tmp_path / "c.json"), lambda d: d["layers"][0].pop("kind"),
+                                rehash=True))
+
+
 def test_version_1_reports_without_checksum_are_validated(scored):
     data = scored[1].to_dict()
     data["version"] = 1
-    assert af.AFIEReport.from_dict(data).to_dict()["layers"] == data["layers"]
+    for layer in data["layers"]:
+        assert layer.pop("kind") == "Conv2d"  # recorded from version 3 on
+    assert af.AFIEReport.from_dict(data).to_dict()["layers"] == [{**d, "kind": ""} for d in data["layers"]]
     data["layers"][0]["afie"] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
         af.AFIEReport.from_dict(data)
@@ -112,7 +124,7 @@ def test_prune_argument_types(scored):
     model, report = scored
     with pytest.raises(TypeError, match="model must be a torch.nn.Module, got function"):
         af.prune(lambda x: x, report, example_inputs=X)
-    with pytest.raises(ValueError, match=r"ignored_layers: \[.nope.\] are not Conv2d or Linear layers"):
+    with pytest.raises(ValueError, match=r"ignored_layers: \[.nope.\] are not conv or Linear layers"):
         af.prune(model, report, example_inputs=X, ignored_layers=["nope"])
     with pytest.raises(TypeError, match="ignored_layers must be a list"):
         af.prune(model, report, example_inputs=X, ignored_layers="0")

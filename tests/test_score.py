@@ -164,13 +164,13 @@ def test_hooks_removed_and_mode_restored_when_loader_fails():
 
 def test_bad_inputs():
     model = randomised(ARCHS["vgg"]())
-    with pytest.raises(ValueError, match="no nn.Conv2d"):
+    with pytest.raises(ValueError, match=r"has no conv \(nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d\) layers to score"):
         af.score(nn.Sequential(nn.Linear(3, 3)), progress=False)
     with pytest.raises(ValueError, match="no batches"):
         af.score(model, [], progress=False)
     with pytest.raises(TypeError, match="got str"):
         af.score(model, ["not a tensor"], progress=False)
-    with pytest.raises(ValueError, match=r"\['nope'\] are not Conv2d layers"):
+    with pytest.raises(ValueError, match=r"\['nope'\] are not conv .* layers of the model"):
         af.score(model, progress=False, layers=["nope"])
     with pytest.raises(ValueError, match="max_batches"):
         af.score(model, loader(), max_batches=0, progress=False)

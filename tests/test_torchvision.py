@@ -9,6 +9,7 @@ from torch import nn
 
 import afie_fast as af
 from conftest import import_torchvision
+import reference
 
 tv = import_torchvision()
 
@@ -30,11 +31,6 @@ def inputs(name):
     return torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
-def counted(model, x):
-    macs, params = tp.utils.count_ops_and_params(model, x)
-    return round(macs), params
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_prunes_exports_and_reloads(name, tmp_path):
@@ -46,9 +42,9 @@ def test_family_prunes_exports_and_reloads(name, tmp_path):
             warnings.simplefilter("error")  # no "closest whole filters get" miss on these models
             pruned, stats = af.prune(model, report, target=target, unit=unit, example_inputs=x[:1])
         pruned.eval()
-        # prune's own count is Torch-Pruning's, before and after
-        assert (stats.macs_before, stats.params_before) == counted(model, x[:1])
-        assert (stats.macs_after, stats.params_after) == counted(pruned, x[:1])
+        # prune's own count is FlopCounterMode's, before and after
+        assert (stats.macs_before, stats.params_before) == reference.macs_and_params(model, x[:1])
+        assert (stats.macs_after, stats.params_after) == reference.macs_and_params(pruned, x[:1])
         if unit == "flops":
             assert abs(stats.reached - target) <= 0.02, stats.summary()
         removed = sum(b - a for b, a in stats.kept.values())
@@ -88,3 +84,38 @@ def test_cuts_equal_torch_pruning_rebuilding_each_group(name, monkeypatch):
                                         linear=name in LINEAR)
     assert fixed > 0
     assert_same_cut(ours, theirs)
+
+
+@pytest.mark.slow
+def test_video_resnet_r3d_18_scores_exactly_and_prunes_at_the_defaults(tmp_path):
+    # torchvision's video ResNet: 20 nn.Conv3d on (N, 3, T, H, W) clips, through the same
+    # path as Conv2d: both sources against the float64 reference, then half the FLOPs.
+    from test_conv_kinds import conv_outputs, reference_activations, reference_weights
+
+    torch.manual_seed(0)
+    model = tv.models.video.r3d_18(num_classes=10).eval()
+    x = torch.randn(2, 3, 8, 64, 64, generator=torch.Generator().manual_seed(0))
+    convs, ys = conv_outputs(model, [x])
+    assert len(convs) == 20
+    acts = af.score(model, [x], positions="all", precision="float64", progress=False)
+    weights = af.score(model, progress=False)
+    for name, conv in convs.items():
+        assert acts.layers[name].kind == weights.layers[name].kind == "Conv3d"
+        s, _ = reference_activations(ys[name])
+        assert reference.rel_err(acts.layers[name].spectrum, s) < 1e-6, name
+        assert abs(acts.layers[name].afie / reference.afie(s, conv.out_channels)[1] - 1) < 1e-7, name
+        s, _ = reference_weights(conv)
+        assert abs(weights.layers[name].afie / reference.afie(s, conv.out_channels)[1] - 1) < 1e-9, name
+    report = af.score(model, [x], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruned, stats = af.prune(model, report, target=0.5, unit="flops", example_inputs=x[:1])
+    pruned.eval()
+    (macs0, _), (macs1, _) = reference.macs_and_params(model, x[:1]), reference.macs_and_params(pruned, x[:1])
+    assert abs((1 - macs1 / macs0) - 0.5) <= 0.01, stats.summary()
+    assert all(a >= 1 for _, a in stats.kept.values())
+    assert pruned(x).shape == model(x).shape
+    exported = torch.export.export(pruned, (x[:1],))
+    torch.testing.assert_close(exported.module()(x[:1]), pruned(x[:1]))
+    loaded = af.load_pruned(tv.models.video.r3d_18(num_classes=10), af.save_pruned(pruned, tmp_path / "p.safetensors"))
+    assert torch.equal(loaded.eval()(x), pruned(x))

@@ -171,6 +171,52 @@ def test_layers_observed_through_their_input_on_cuda_match_cpu(channels_last):
         np.testing.assert_allclose(b.filter_scores["variance"], a.filter_scores["variance"], rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape,layout", [((8, 40, 37), "contiguous"), ((4, 40, 3, 9, 11), "contiguous"),
+                                          ((4, 40, 3, 9, 11), "channels_last_3d"), ((4, 24, 5, 6, 14), "sliced")])
+def test_signals_and_volumes_accumulate_on_the_device(dtype, acc_dtype, shape, layout):
+    # Conv1d outputs (N, C, L) and Conv3d outputs (N, C, D, H, W), any layout, as the CPU core
+    # and the float64 reference see them.
+    g = torch.Generator(device="cuda").manual_seed(shape[1])
+    y = (torch.randn(shape, generator=g, device="cuda") * 2 + 3).to(dtype)
+    if layout == "channels_last_3d":
+        y = y.contiguous(memory_format=torch.channels_last_3d)
+    elif layout == "sliced":
+        y = y[:, 2:22, :, :, ::2]
+    c = y.shape[1]
+    acc = af.CovarianceAccumulator(c, device="cuda", dtype=acc_dtype)
+    for part in y.split(3):
+        acc.update(part)
+    flat = y.double().cpu().movedim(1, -1).reshape(-1, c)
+    mean, cov = reference.covariance(flat[:, :, None, None])
+    tol = 1e-5 if acc_dtype == torch.float32 else 1e-10
+    assert acc.count == flat.shape[0]
+    assert reference.rel_err(acc.covariance().cpu().double(), cov) <= tol
+    assert reference.rel_err(acc.mean.cpu().double(), mean) <= tol
+
+
+@pytest.mark.parametrize("name", ["resnet1d", "tcn", "resnet3d", "unet"])
+def test_every_conv_kind_scores_on_cuda_as_on_the_cpu(name):
+    from nets import CONV_KINDS, randomised
+
+    make, shape = CONV_KINDS[name]
+    torch.manual_seed(4)
+    model = randomised(make()).eval()
+    xs = [torch.randn(shape) for _ in range(3)]
+    for memory_format in [None] + ([torch.channels_last_3d] if len(shape) == 5 else []):
+        if memory_format is not None:
+            model = model.to(memory_format=memory_format)
+            xs = [x.contiguous(memory_format=memory_format) for x in xs]
+        cpu = af.score(model, xs, progress=False, positions=64)
+        gpu = af.score(model.cuda(), xs, progress=False, positions=64)
+        model.cpu()
+        for a, b in zip(cpu, gpu):
+            assert (b.kind, b.n_samples) == (a.kind, a.n_samples)
+            assert b.afie == pytest.approx(a.afie, rel=1e-4)
+            np.testing.assert_allclose(b.filter_scores["variance"], a.filter_scores["variance"], rtol=1e-3, atol=1e-6)
+
+
 def test_backend_reports_the_device():
     info = af.backend_info()
     assert info["cuda_compiled"] and info["cuda_device_present"]
