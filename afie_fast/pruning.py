@@ -418,7 +418,8 @@ class _Run:
         self._step("cut", sum(k > 0 for k in plan.counts))
         _apply(self.graph, self.units, plan, self.report, self.layers, criterion, seed, tick=self.bar.update)
         self._step("check")
-        self.macs, self.params = _check_runs(self.work, self.x, self.before.shape)
+        # Counted like the original: by its conv and linear layers where they held every FLOP.
+        self.macs, self.params = _check_runs(self.work, self.x, self.before.shape, dispatch=not self.before.by_layers)
         self.bar.update()
         return self.work
 
@@ -470,14 +471,14 @@ def _apply(graph: Graph, units: list[Unit], plan: _Plan, report: AFIEReport, con
         tick()
 
 
-def _check_runs(model: nn.Module, example_inputs: torch.Tensor, shape: Any) -> tuple[int, int]:
+def _check_runs(model: nn.Module, example_inputs: torch.Tensor, shape: Any, dispatch: bool = True) -> tuple[int, int]:
     """MACs and params of the pruned copy, which must run and give outputs of the
     original's shape: a failure here is a coupling the dependency graph did not see."""
     empty = [n for n, m in layers_of(model).items() if width(m) < 1]
     if empty:
         raise RuntimeError(f"afie_fast bug: pruning left {empty[:3]} with no filters; please report it")
     try:
-        with Counting(model, per_layer=False) as counting, scoring_mode(model), torch.no_grad():
+        with Counting(model, per_layer=False, dispatch=dispatch) as counting, scoring_mode(model), torch.no_grad():
             model(example_inputs)
         after = counting.measured
     except RuntimeError as exc:

@@ -207,8 +207,8 @@ def test_ignored_layers_stay_whole_by_name_or_module(how):
 
 class _Counted(nn.Module):
     """Linear layers nested in a module that uses their weights without calling them
-    (attention's projections), attention's matmuls, a conv subclass, norms, upsampling and
-    pooling (free, as FlopCounterMode counts)."""
+    (attention's projections), a conv subclass, norms, upsampling and pooling (free, as
+    FlopCounterMode counts; so is eval-mode attention, one native op it has no formula for)."""
 
     class WSConv(nn.Conv2d):
         pass
@@ -248,6 +248,51 @@ def test_prune_counts_what_flop_counter_mode_counts(batch):
     assert counting.measured.shape == (batch, 4)
     assert {n: set(vars(m)) for n, m in model.named_modules()} == attrs  # nothing left behind
     assert not any(m._forward_hooks for m in model.modules())
+
+
+class _Blurred(nn.Module):
+    """A functional conv (a fixed blur, as anti-aliased CNNs apply) that no conv module's
+    hook sees, before an ordinary CNN."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("blur", torch.ones(3, 1, 3, 3) / 9)
+        self.body = ARCHS["vgg"]()
+
+    def forward(self, x):
+        return self.body(nn.functional.conv2d(x, self.blur, padding=1, groups=3))
+
+
+class _Gram(nn.Module):
+    """Conv outputs that meet in a matmul outside any layer (bilinear pooling)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        t = self.conv(x).flatten(2)
+        return t @ t.transpose(1, 2)
+
+
+def test_counting_by_layers_only_where_they_hold_every_flop():
+    from afie_fast.counting import Counting
+
+    torch.manual_seed(0)
+    for model, covered in ((ARCHS["vgg"]().eval(), True), (_Gram().eval(), False), (_Blurred().eval(), False)):
+        with Counting(model) as exact, torch.no_grad():
+            model(X)
+        with Counting(model, dispatch=False) as by_layers, torch.no_grad():
+            model(X)
+        assert exact.measured.by_layers is covered and by_layers.measured.by_layers is None
+        assert exact.measured.macs == reference.macs_and_params(model, X)[0]
+        assert (by_layers.measured.macs == exact.measured.macs) is covered
+    # prune counts the pruned copy op by op when the layers' hooks miss some FLOPs
+    model = randomised(_Blurred())
+    report = af.score(model, loader(n_batches=2), progress=False)
+    pruned, stats = af.prune(model, report, target=0.5, example_inputs=X, progress=False)
+    assert (stats.macs_before, stats.macs_after) == (reference.macs_and_params(model, X)[0],
+                                                     reference.macs_and_params(pruned.eval(), X)[0])
 
 
 @pytest.mark.parametrize("enabled", [True, False])
