@@ -99,7 +99,8 @@ def cmd_prune(args: argparse.Namespace) -> None:
         raise ValueError("--finetune-epochs needs labelled data: add --data digits")
     calibrate = _batches(args.data, shape, args.batches, args.batch_size, args.seed) if args.data else None
     pruned, stats = af.prune(model, report, target=args.target, unit=args.unit, example_inputs=x,
-                             criterion=args.criterion, prune_residual=args.prune_residual, calibrate=calibrate)
+                             criterion=args.criterion, prune_residual={"true": True, "false": False}.get(args.prune_residual, "auto"),
+                             calibrate=calibrate)
     if args.finetune_epochs:
         from .data import load_digits
         from .training import train
@@ -163,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--target", type=float, default=0.5)
     q.add_argument("--unit", choices=["filters", "flops", "params"], default="filters")
     q.add_argument("--criterion", choices=["l1", "variance", "independence", "random"])
-    q.add_argument("--prune-residual", action="store_true")
+    q.add_argument("--prune-residual", nargs="?", const="true", default="auto", choices=["auto", "true", "false"],
+                   help="cut residual streams: auto (default: only when the target needs them), true, false")
     q.add_argument("--input-shape", help="C,H,W of one input (zoo models know theirs)")
     q.add_argument("--data", choices=["digits", "random"],
                    help="recalibrate the pruned model's BatchNorm statistics on this data")

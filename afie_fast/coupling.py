@@ -319,13 +319,16 @@ def _touched(dg: tp.DependencyGraph, group) -> list[tuple[nn.Module, str, int]]:
     return out
 
 
-def find_units(graph: Graph, layers: Iterable[str], prune_residual: bool, ignored: list[nn.Module],
-               tick: Callable[[], object] = lambda: None) -> tuple[list[Unit], dict[str, str]]:
-    """The prunable units, and every layer of ``layers`` left whole with the reason
-    (``tick``: called per group root read, for a progress bar)."""
+RESIDUAL = "residual stream"  # the reason a residual stream stays whole begins so
+
+
+def find_units(graph: Graph, groups: list, layers: Iterable[str], prune_residual: bool
+               ) -> tuple[list[Unit], dict[str, str]]:
+    """The prunable units among ``groups`` (from :meth:`Graph.groups`), and every layer of
+    ``layers`` left whole with the reason."""
     dg, names, layers = graph.dg, graph.names, set(layers)
     units, skipped = [], {}
-    for root, group, reason, mirrors in graph.groups(ignored, tick):
+    for root, group, reason, mirrors in groups:
         if group is None:
             if names[root] in layers:
                 skipped[names[root]] = reason
@@ -373,7 +376,7 @@ def _why_whole(graph: Graph, group, members: list, layers: set[str], prune_resid
         return next(graph.opaque[n] for n in nodes if n in graph.opaque)
     if not prune_residual and len(members) > 1 and any(
             n.type == OPTYPE.ELEMENTWISE and type(n.grad_fn).__name__.startswith(("Add", "Sub")) for n in nodes):
-        return "residual stream (prune_residual=False)"
+        return f"{RESIDUAL} (prune_residual=False)"
     if any(m[0] not in layers for m in members):
         return "coupled to a conv outside the report"
     if any(isinstance(n.module, Conv) and n.module.transposed and n.module.groups > 1 for n in nodes):

@@ -20,7 +20,7 @@ from .calibration import recalibrate_bn
 from .copying import copy_model
 from .counting import Counting, Measured
 from .layers import Conv, Layer, layers_of, width
-from .coupling import Graph, Unit, build_graph, find_units, is_out_conv
+from .coupling import RESIDUAL, Graph, Unit, build_graph, find_units, is_out_conv
 from .report import MAX_RATIO, AFIEReport, allocate_ratios, round_counts, text_table
 from .scoring import l1_scores, scoring_mode
 
@@ -51,6 +51,7 @@ class PruneStats:
     skipped: dict[str, str] = field(default_factory=dict)  # conv layer left whole → why
     prunable_macs: float = 1.0  # fraction of the model's MACs in layers a unit can cut
     prunable_params: float = 1.0  # ... and of its params
+    residual_streams: dict[str, str] = field(default_factory=dict)  # layer of a residual stream cut → why
 
     def summary(self) -> str:
         rows = [(n, str(b), str(a), f"{1 - a / b:.0%}") for n, (b, a) in self.kept.items()]
@@ -62,6 +63,9 @@ class PruneStats:
                  f"prunable: {self.prunable_macs:.0%} of the MACs, {self.prunable_params:.0%} of the params; "
                  f"{len(self.skipped)} conv layers left whole"
                  + (f" ({', '.join(sorted(set(self.skipped.values())))})" if self.skipped else "")]
+        if self.residual_streams:
+            lines.append(f"residual streams cut ({len(self.residual_streams)} layers): "
+                         f"{next(iter(self.residual_streams.values()))}")
         return "\n".join(lines)
 
 
@@ -194,18 +198,18 @@ def _prunable_share(cost: _CostModel, units: list[Unit]) -> tuple[float, float]:
     return macs / max(cost.macs0, 1), params / max(cost.params0, 1)
 
 
-def _why_short(skipped: dict[str, str], prune_residual: bool) -> str:
+def _why_short(skipped: dict[str, str], prune_residual: bool | str) -> str:
     by_reason: dict[str, list[str]] = {}
     for name, reason in skipped.items():
         by_reason.setdefault(reason, []).append(name)
     parts = [f"{len(v)} left whole: {k} ({', '.join(v[:4])}{', …' if len(v) > 4 else ''})" for k, v in by_reason.items()]
     hint = ("; prune_residual=True would add the residual streams"
-            if not prune_residual and any(r.startswith("residual") for r in by_reason) else "")
+            if prune_residual is False and any(r.startswith(RESIDUAL) for r in by_reason) else "")
     return "; ".join(parts) + hint
 
 
 def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: str = "filters",
-          example_inputs: torch.Tensor, criterion: str | None = None, prune_residual: bool = False,
+          example_inputs: torch.Tensor, criterion: str | None = None, prune_residual: bool | str = "auto",
           ignored_layers: Sequence[str | nn.Module] | None = None, seed: int = 0,
           allocation: str = "afie", calibrate: Iterable | None = None,
           progress: bool = True) -> tuple[nn.Module, PruneStats]:
@@ -217,7 +221,8 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
     DependencyGraph, with one ratio (their smallest) and summed filter scores; grouped
     convs lose the same positions in every group. Convs whose channels reach the model's
     output, and couplings fixed in the forward code (channel shuffle, split, slice), stay
-    whole and are listed in ``stats.skipped`` with the reason.
+    whole and are listed in ``stats.skipped`` with the reason. Residual streams stay
+    whole unless the target needs them (``prune_residual="auto"``).
 
     Args:
         model: the model the report was made for; it is not modified.
@@ -230,7 +235,12 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
         example_inputs: an input batch for tracing and counting, e.g. ``torch.randn(1, 3, 32, 32)``.
         criterion: which filters within a layer: "l1", "variance", "independence"
             (activations reports), or "random" (seeded). Default "l1".
-        prune_residual: also prune a ResNet's residual stream (default False).
+        prune_residual: whether the channels of residual streams (added to a block's
+            output: a ResNet's stem-to-head width, RepVGG's and MobileOne's summed
+            branches, ConvNeXt's stages) are cut. False: never, the paper's ResNet setting
+            (only the convs inside the blocks); True: always; "auto" (default): only when
+            the target is out of reach without them, which ``stats.residual_streams``
+            then says.
         ignored_layers: convs (names or modules) to leave whole.
         seed: for "random".
         allocation: "afie" (the paper's layer-wise ratios) or "uniform" (the same ratio
@@ -248,7 +258,7 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
         ValueError: a target out of reach, with the cause (the layers left whole and why)
             and the largest reachable target.
     """
-    criterion = _check_prune_args(model, target, unit, example_inputs, criterion, allocation)
+    criterion = _check_prune_args(model, target, unit, example_inputs, criterion, allocation, prune_residual)
     convs0 = _check_report(model, report)
     ignored = _ignored_names(ignored_layers, convs0)
     if criterion in ("variance", "independence"):
@@ -257,16 +267,16 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
 
     with _collector_paused(), tqdm(desc="afie_fast prune", unit="step", total=0, delay=PROGRESS_DELAY_S,
                                    disable=not progress, leave=False) as bar:
-        run = _Run(model, report, example_inputs.detach(), ignored, prune_residual, allocation, unit, bar)
+        run = _Run(model, report, example_inputs.detach(), ignored, prune_residual, allocation, unit, target, bar)
         plan, work = run.reach(target, criterion, seed)
         kept = {n: (report.layers[n].n_filters, width(run.layers[n])) for n in report.layers}
-        reached = plan.filters_removed if unit == "filters" else _check_reached(run, target, kept, prune_residual)
+        reached = plan.filters_removed if unit == "filters" else _check_reached(run, plan, target, kept)
         work.afie_fast_plan = run.saved_plan()
     if calibrate is not None:
         recalibrate_bn(work, calibrate)
     share_macs, share_params = _prunable_share(run.cost, run.units)
     stats = PruneStats(run.before.params, run.params, run.before.macs, run.macs, kept, unit, target, reached,
-                       plan.filter_target, criterion, run.skipped, share_macs, share_params)
+                       plan.filter_target, criterion, run.skipped, share_macs, share_params, run.joined)
     return work, stats
 
 
@@ -286,7 +296,7 @@ def _collector_paused():
             gc.enable()
 
 
-def _check_prune_args(model, target, unit, example_inputs, criterion, allocation) -> str:
+def _check_prune_args(model, target, unit, example_inputs, criterion, allocation, prune_residual) -> str:
     """prune()'s arguments checked before any work; the criterion, defaulted."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -297,6 +307,8 @@ def _check_prune_args(model, target, unit, example_inputs, criterion, allocation
         raise ValueError(f"allocation must be 'afie' or 'uniform', got {allocation!r}")
     if unit not in UNITS:
         raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+    if prune_residual not in (True, False, "auto"):
+        raise ValueError(f"prune_residual must be True, False or 'auto', got {prune_residual!r}")
     if not isinstance(target, (int, float)) or not 0 <= target < 1:
         raise ValueError(f"target must be a fraction in [0, 1), got {target!r}")
     if not isinstance(example_inputs, torch.Tensor):
@@ -304,15 +316,16 @@ def _check_prune_args(model, target, unit, example_inputs, criterion, allocation
     return criterion
 
 
-def _check_reached(run: "_Run", target: float, kept: dict[str, tuple[int, int]], prune_residual: bool) -> float:
-    """The measured FLOPs/params reduction: a ValueError if the target is out of reach,
-    a warning if whole filters land more than 1% off it."""
+def _check_reached(run: "_Run", plan: _Plan, target: float, kept: dict[str, tuple[int, int]]) -> float:
+    """The measured FLOPs/params reduction: a ValueError if the target is out of reach
+    (short of it with every unit at its cap), a warning if whole filters land more than 1%
+    off it."""
     reached, unit = run.reached, run.unit
-    if reached < target - 0.01:
+    if reached < target - 0.01 and plan.filter_target >= run.max_target - 1e-6:
         removed, total = sum(b - a for b, a in kept.values()), sum(b for b, _ in kept.values())
         raise ValueError(f"a {unit} reduction of {target:.0%} is out of reach for this {type(run.model).__name__}: "
                          f"the most is {reached:.1%} ({removed} of {total} filters removed, "
-                         f"{len(run.units)} prunable units); {_why_short(run.skipped, prune_residual)}")
+                         f"{len(run.units)} prunable units); {_why_short(run.skipped, run.prune_residual)}")
     if abs(reached - target) > 0.01:  # whole filters are too coarse in a small model
         warnings.warn(f"{unit} reduction {reached:.1%} is the closest whole filters get to {target:.0%}", stacklevel=3)
     return reached
@@ -322,24 +335,27 @@ class _Run:
     """One prune() call's state: a deep copy of the model, its traced graph and units, the
     cost model, and after :meth:`apply` the measured result."""
 
-    def __init__(self, model: nn.Module, report: AFIEReport, example_inputs: torch.Tensor,
-                 ignored: list[str], prune_residual: bool, allocation: str, unit: str, bar) -> None:
+    def __init__(self, model: nn.Module, report: AFIEReport, example_inputs: torch.Tensor, ignored: list[str],
+                 prune_residual: bool | str, allocation: str, unit: str, target: float, bar) -> None:
         self.model, self.report, self.x = model, report, example_inputs
         self.ignored, self.prune_residual, self.allocation, self.unit = ignored, prune_residual, allocation, unit
+        self.residual = prune_residual is True  # whether residual streams are cut
+        self.joined: dict[str, str] = {}  # residual-stream layers "auto" cut, and why
         self.bar = bar  # tqdm: one step per trace, group read, unit cut and check
         self.macs = self.params = 0
         self._trace(count=True)
+        if prune_residual == "auto":
+            self._join_residual_if_needed(target)
         if not self.units:
             linear_unscored = (any(isinstance(m, nn.Linear) for m in model.modules())
                                and not any(isinstance(self.layers.get(n), nn.Linear) for n in report.layers))
             hint = "; its nn.Linear layers may hold the width: score(..., linear=True)" if linear_unscored else ""
             raise ValueError(f"nothing to prune in this {type(model).__name__}: "
                              f"{_why_short(self.skipped, prune_residual)}{hint}")
-        self.max_target = _max_target(self.units)
 
     def _trace(self, count: bool = False) -> None:
-        """Trace a fresh copy of the model into its graph and units; the first time, the
-        same forward also measures the model (MACs, params, conv calls, output shape)."""
+        """Trace a fresh copy of the model into its graph, groups and units; the first time,
+        the same forward also measures the model (MACs, params, conv calls, output shape)."""
         self.work = copy_model(self.model)
         self.layers = layers_of(self.work)
         counting = Counting(self.work) if count else contextlib.nullcontext()
@@ -352,9 +368,33 @@ class _Run:
             self.before = counting.measured
             _check_not_shared({n: k for n, k in self.before.calls.items()
                                if n in self.report.layers or isinstance(self.layers[n], Conv)})
-        self.units, self.skipped = find_units(self.graph, self.report.layers, self.prune_residual,
-                                              [self.layers[n] for n in self.ignored], tick=self.bar.update)
+        self.groups = self.graph.groups([self.layers[n] for n in self.ignored], tick=self.bar.update)
+        self._find_units()
+
+    def _find_units(self) -> None:
+        self.units, self.skipped = find_units(self.graph, self.groups, self.report.layers, self.residual)
         self.cost = _CostModel(self.before, self.graph.names, self.units)
+        self.max_target = _max_target(self.units) if self.units else 0.0
+
+    def _join_residual_if_needed(self, target: float) -> None:
+        """prune_residual="auto": cut the residual streams too when the target is out of
+        reach without them (by the cost model, every unit at its cap)."""
+        streams = [n for n, why in self.skipped.items() if why.startswith(RESIDUAL)]
+        if not streams:
+            return
+        most = 0.0
+        if self.units:
+            at_caps = _plan(self.units, self.report, self.max_target, self.allocation, self.cost)
+            most = self.max_target if self.unit == "filters" else self.predicted(at_caps)
+        if self.units and most >= target - 0.01:
+            self.skipped.update((n, f"{RESIDUAL} (the target is reachable without it; prune_residual=True cuts it)")
+                                for n in streams)
+            return
+        self.residual = True
+        self._find_units()
+        why = (f"a {self.unit} target of {target:.0%} is out of reach without them (at most {most:.1%}); "
+               "prune_residual=False keeps them whole")
+        self.joined = {n: why for n in streams if n not in self.skipped}
 
     def _step(self, phase: str, steps: int = 1) -> None:
         """Name the phase on the bar and add its steps to the total."""

@@ -120,7 +120,32 @@ def test_prunable_share_and_out_of_reach_names_the_cause():
     assert 0 < stats.prunable_macs < 1 and 0 < stats.prunable_params < 1
     assert "prunable:" in stats.summary()
     with pytest.raises(ValueError, match=r"out of reach.*residual stream.*prune_residual=True"):
-        af.prune(model, report, target=0.9, unit="flops", example_inputs=X)
+        af.prune(model, report, target=0.9, unit="flops", example_inputs=X, prune_residual=False)
+
+
+def test_residual_streams_join_only_when_the_target_needs_them():
+    model, report = build("resnet_bottleneck")
+    kept = lambda residual, target: af.prune(model, report, target=target, unit="flops", example_inputs=X,
+                                              prune_residual=residual, progress=False)[1]
+    auto, inner = kept("auto", 0.3), kept(False, 0.3)
+    assert auto.kept == inner.kept and not auto.residual_streams
+    streams = {n for n, why in inner.skipped.items() if why.startswith("residual stream")}
+    assert streams and all("reachable without it" in auto.skipped[n] for n in streams)
+    with pytest.raises(ValueError, match=r"out of reach.*the most is 8.*prune_residual=True would add"):
+        kept(False, 0.9)
+    auto, every = kept("auto", 0.9), kept(True, 0.9)
+    assert auto.kept == every.kept and abs(auto.reached - 0.9) <= 0.01
+    assert set(auto.residual_streams) == streams
+    assert all("out of reach without them (at most 8" in why for why in auto.residual_streams.values())
+    assert "residual streams cut" in auto.summary()
+
+
+def test_a_reachable_target_that_whole_filters_miss_is_a_warning_not_an_error():
+    # Whole filters of a tiny net move its FLOPs in steps of a few percent: 30% lands at
+    # 27.9%, yet 70% is within reach, so 30% is not "out of reach".
+    model, report = build("resnet_basic")
+    with pytest.warns(UserWarning, match=r"27.9% is the closest whole filters get to 30%"):
+        af.prune(model, report, target=0.3, unit="flops", example_inputs=X, prune_residual=False)
 
 
 def test_nothing_to_prune_says_why_and_points_at_linear_layers():
@@ -128,7 +153,11 @@ def test_nothing_to_prune_says_why_and_points_at_linear_layers():
     model = ConvNeXtBlock().eval()
     report = af.score(model, loader(n_batches=1), progress=False)
     with pytest.raises(ValueError, match=r"nothing to prune.*residual stream.*score\(\.\.\., linear=True\)"):
-        af.prune(model, report, target=0.5, example_inputs=X)
+        af.prune(model, report, target=0.5, example_inputs=X, prune_residual=False)
+    # at the default the residual stream, all there is to cut without the Linear layers, joins
+    pruned, stats = af.prune(model, report, target=0.5, example_inputs=X)
+    assert set(stats.residual_streams) == {"stem", "dw"} and stats.kept["stem"] == (16, 8)
+    assert pruned(X).shape == model(X).shape
 
 
 @pytest.mark.parametrize("source", ["activations", "weights"])

@@ -61,7 +61,10 @@ def test_linear_width_family_scored_without_linear_says_why(name):
     model, x = make(name), inputs(name)
     report = af.score(model, [x], progress=False)
     with pytest.raises(ValueError, match=r"nothing to prune.*residual stream.*linear=True"):
-        af.prune(model, report, target=0.5, unit="flops", example_inputs=x[:1])
+        af.prune(model, report, target=0.5, unit="flops", example_inputs=x[:1], prune_residual=False)
+    # at the default prune_residual="auto" the residual streams join, and the target is met
+    _, stats = af.prune(model, report, target=0.5, unit="flops", example_inputs=x[:1])
+    assert stats.residual_streams and abs(stats.reached - 0.5) <= 0.01
 
 
 def test_squeezenet_classifier_is_never_pruned():
