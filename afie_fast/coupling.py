@@ -35,6 +35,10 @@ class Unit:
     ``channel_groups`` G > 1 when a grouped conv is coupled, or when the root's channels
     are G tied copies (GhostNet's halves): the cut is then mirrored across G equal channel
     groups so every group keeps the same width and tied channels go together.
+
+    ``parts``: root channels that one layer holds only some of (the convs whose outputs a
+    concat joins, as MixConv's projection feeding a residual stream; the convs a split
+    feeds), each of which must keep one channel, or that layer would be left with none.
     """
 
     root: nn.Module
@@ -45,6 +49,12 @@ class Unit:
     touched: list[tuple[nn.Module, str, int]] = field(default_factory=list)  # (module, "out"|"in", channels)
     group: Any = None  # Torch-Pruning's, for all the root's channels
     fixed: bool = False  # whether no other unit's cut can change the group's index mapping
+    parts: list[frozenset[int]] = field(default_factory=list)
+
+    @property
+    def keep(self) -> int:
+        """The fewest root channels a cut may leave: one per channel group, one per part."""
+        return max(self.channel_groups, len(self.parts))
 
 
 class _ShapeRecorder(TorchFunctionMode):
@@ -350,8 +360,19 @@ def find_units(graph: Graph, groups: list, layers: Iterable[str], prune_residual
             continue
         g = max(g, mirrors)  # tied copies are cut like the groups of a grouped conv: mirrored
         units.append(Unit(group[0].dep.target.module, group[0].dep.handler, members, len(group[0].idxs), g,
-                          _touched(dg, group), group, _fixed_mapping(group)))
+                          _touched(dg, group), group, _fixed_mapping(group), _parts(group)))
     return units, skipped
+
+
+def _parts(group) -> list[frozenset[int]]:
+    """The root channels of each layer (conv, linear, BN) that holds only some of them."""
+    width, parts = len(group[0].idxs), set()
+    for item in group:
+        if isinstance(item.dep.target.module, (Conv, nn.Linear, nn.modules.batchnorm._BatchNorm)):
+            held = frozenset(item.root_idxs)
+            if len(held) < width:
+                parts.add(held)
+    return sorted(parts, key=min)
 
 
 # Nodes whose index mapping Torch-Pruning recomputes from other inputs' current widths

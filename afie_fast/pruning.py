@@ -94,7 +94,7 @@ def _check_report(model: nn.Module, report: AFIEReport) -> dict[str, Layer]:
 
 
 def _filter_scores(report: AFIEReport, convs: dict[str, Layer], name: str, criterion: str) -> torch.Tensor:
-    if criterion == "l1":  # from the weights as they are now
+    if criterion == "l1":  # from the weights (of the model the report describes)
         return l1_scores(convs[name])
     scores = report.layers[name].filter_scores.get(criterion)
     if scores is None:
@@ -122,11 +122,26 @@ def _unit_scores(unit: Unit, report: AFIEReport, convs, criterion: str, seed: in
 
 def _choose(unit: Unit, scores: torch.Tensor, k: int) -> list[int]:
     """The k filters of the unit to remove: lowest scores, ties by index. A grouped unit
-    loses the same positions in each of its G channel groups (the lowest summed over groups)."""
+    loses the same positions in each of its G channel groups (the lowest summed over
+    groups). No part of the unit (see Unit.parts) loses all its channels: a position that
+    would take a part's last one is passed over for the next lowest."""
     g, size = unit.channel_groups, unit.width // unit.channel_groups
     per = scores.view(g, size).sum(0).tolist()
-    worst = sorted(sorted(range(size), key=per.__getitem__)[:k // g])  # a stable sort: ties by index
-    return [grp * size + j for grp in range(g) for j in worst]
+    order = sorted(range(size), key=per.__getitem__)  # a stable sort: ties by index
+    if not unit.parts:
+        worst = order[:k // g]
+    else:
+        left, worst = [set(p) for p in unit.parts], []
+        for j in order:
+            if len(worst) == k // g:
+                break
+            cut = {grp * size + j for grp in range(g)}
+            if any(part <= cut for part in left):
+                continue
+            for part in left:
+                part -= cut
+            worst.append(j)
+    return [grp * size + j for grp in range(g) for j in sorted(worst)]
 
 
 class _CostModel:
@@ -176,7 +191,7 @@ def _plan(units: list[Unit], report: AFIEReport, filter_target: float, allocatio
     total = sum(u.width for u in units)
     ratios = (allocate_ratios(afies, filter_target, _max_target(units)) if allocation == "afie"
               else {k: filter_target for k in afies})  # "uniform": the baseline the paper beats
-    caps = {key(i): u.width - u.channel_groups for i, u in enumerate(units)}
+    caps = {key(i): u.width - u.keep for i, u in enumerate(units)}
     counts = round_counts({k: ratios[k] * w for k, (_, w) in afies.items()}, caps, round(filter_target * total))
     # A grouped unit loses whole positions of its G groups: a multiple of G filters.
     counts = [counts[key(i)] // u.channel_groups * u.channel_groups for i, u in enumerate(units)]
@@ -185,9 +200,10 @@ def _plan(units: list[Unit], report: AFIEReport, filter_target: float, allocatio
 
 
 def _max_target(units: list[Unit]) -> float:
-    """The largest fraction of the units' filters the caps allow (0.99, one kept per group)."""
+    """The largest fraction of the units' filters the caps allow (0.99, one kept per group
+    and part)."""
     total = sum(u.width for u in units)
-    return sum(min(MAX_RATIO * u.width, u.width - u.channel_groups) for u in units) / total
+    return sum(min(MAX_RATIO * u.width, u.width - u.keep) for u in units) / total
 
 
 def _prunable_share(cost: _CostModel, units: list[Unit]) -> tuple[float, float]:
@@ -456,7 +472,11 @@ class _Run:
     def apply(self, plan: _Plan, criterion: str, seed: int) -> nn.Module:
         """Cut the copy as planned, check it runs with the original's output shape, measure it."""
         self._step("cut", sum(k > 0 for k in plan.counts))
-        _apply(self.graph, self.units, plan, self.report, self.layers, criterion, seed, tick=self.bar.update)
+        # Scores index the original's channels, as the units' members do: l1 from the caller's
+        # model, not from the copy, whose layers earlier cuts may have narrowed (a conv whose
+        # channels two units share, as a residual stream fed by a concat).
+        _apply(self.graph, self.units, plan, self.report, layers_of(self.model), criterion, seed,
+               tick=self.bar.update)
         self._step("check")
         # Counted like the original: by its conv and linear layers where they held every FLOP.
         self.macs, self.params = _check_runs(self.work, self.x, self.before.shape, dispatch=not self.before.by_layers)
@@ -516,7 +536,8 @@ def _check_runs(model: nn.Module, example_inputs: torch.Tensor, shape: Any, disp
     original's shape: a failure here is a coupling the dependency graph did not see."""
     empty = [n for n, m in layers_of(model).items() if width(m) < 1]
     if empty:
-        raise RuntimeError(f"afie_fast bug: pruning left {empty[:3]} with no filters; please report it")
+        raise RuntimeError(f"pruning left {empty[:3]} with no filters, which every cut is planned to prevent "
+                           "(one kept per layer, group and concat part): please report it with the model")
     try:
         with Counting(model, per_layer=False, dispatch=dispatch) as counting, scoring_mode(model), torch.no_grad():
             model(example_inputs)

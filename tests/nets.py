@@ -256,8 +256,29 @@ class ConvNeXtBlock(nn.Module):
         return self.head((x + y).mean(dim=(2, 3)))
 
 
+class CatResidual(nn.Module):
+    """A residual stream that a plain conv starts and two convs, concatenated, add to
+    (MixNet's mixed projections): a cut of the stream takes channels of one part or the
+    other, and no part may lose them all."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.proj = nn.Conv2d(12, 8, 1)
+        self.inner = nn.Conv2d(8, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 2, 1)
+        self.b = nn.Conv2d(8, 6, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.proj(torch.relu(self.stem(x)))
+        y = torch.relu(self.inner(x))
+        x = x + torch.cat([self.a(y), self.b(y)], 1)
+        return self.head(x.mean(dim=(2, 3)))
+
+
 MOTIFS = {"conv_head": ConvHead, "seg_head": SegHead, "shuffle": ShuffleNetBlock, "ghost": GhostBlock,
-          "ghost_se": GhostSE, "mixconv": MixConv, "resnext": ResNeXtBlock}
+          "ghost_se": GhostSE, "mixconv": MixConv, "resnext": ResNeXtBlock, "cat_residual": CatResidual}
 
 
 class Expansions(nn.Module):

@@ -8,7 +8,7 @@ from torch import nn
 
 import afie_fast as af
 from afie_fast.layers import width
-from nets import ARCHS, MOTIFS, ConvNeXtBlock, loader, randomised
+from nets import ARCHS, MOTIFS, CatResidual, ConvNeXtBlock, loader, randomised
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7))
 ALL = {**ARCHS, **MOTIFS}
@@ -271,3 +271,24 @@ def test_tied_channels_are_cut_together_only_as_mirrored_copies():
     assert _mirrors({(0, 2), (2, 4), (1, 3), (3, 5)}, 6) == 3
     assert _mirrors({(0, 2)}, 4) is None        # some channels tied, others free
     assert _mirrors({(0, 1), (2, 3)}, 4) is None  # neighbours tied: no mirrored layout
+
+
+def test_no_part_of_a_concat_loses_all_its_channels(monkeypatch):
+    # Part `a` of the stream scores lowest: a deep cut would take all of it (timm's MixNet
+    # projections ended with a conv of no filters). One channel of each part stays.
+    torch.manual_seed(0)
+    model = CatResidual().eval()
+    with torch.no_grad():
+        model.a.weight.mul_(0.01)
+        model.proj.weight[:2].mul_(0.01)
+    report = af.score(model, loader(n_batches=1), progress=False)
+    pruned, stats = af.prune(model, report, target=0.7, example_inputs=X, prune_residual=True,
+                             allocation="uniform", progress=False)
+    assert stats.kept["a"] == (2, 1) and stats.kept["b"][1] >= 1 and stats.kept["proj"][1] >= 2
+    assert pruned(X).shape == model(X).shape
+    # the last guard, should a cut ever empty a layer anyway, names it
+    import afie_fast.pruning as pruning
+
+    monkeypatch.setattr(pruning, "_choose", lambda unit, scores, k: list(range(unit.width)) if k else [])
+    with pytest.raises(RuntimeError, match=r"pruning left \['stem', 'proj', 'inner'\] with no filters"):
+        af.prune(model, report, target=0.7, example_inputs=X, prune_residual=True, progress=False)
