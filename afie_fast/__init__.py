@@ -7,6 +7,7 @@ from .entropy import afie_from_spectrum, backend_info
 from .report import AFIEReport, LayerScore
 from .pruning import AFIEImportance, PruneStats, load_pruned, prune, save_pruned
 from .scoring import score
+from .splits import register_split
 
 try:
     __version__ = _version("afie_fast")
@@ -16,4 +17,5 @@ except PackageNotFoundError:  # pragma: no cover
     __version__ = _core.__version__
 
 __all__ = ["AFIEImportance", "AFIEReport", "CovarianceAccumulator", "LayerScore", "PruneStats", "afie_from_spectrum",
-           "backend_info", "load_pruned", "prune", "recalibrate_bn", "save_pruned", "score", "__version__"]
+           "backend_info", "load_pruned", "prune", "recalibrate_bn", "register_split", "save_pruned", "score",
+           "__version__"]

@@ -21,6 +21,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .layers import Conv, width
+from .splits import handler_for
 
 OPTYPE = tp.ops.OPTYPE
 # torch functions whose output shape decides whether channels keep their meaning.
@@ -65,6 +66,27 @@ class _ShapeRecorder(TorchFunctionMode):
     def __init__(self) -> None:
         super().__init__()
         self.shapes: dict[Any, tuple[tuple[int, ...], tuple[int, ...], str]] = {}
+        self.owners: dict[Any, nn.Module] = {}  # grad_fn of a split → the innermost module with a split handler
+        self.handled: list[nn.Module] = []  # the stack of such modules whose forward is running
+
+    @contextlib.contextmanager
+    def watching_modules(self):
+        """Keep ``handled`` current with global module hooks while the model runs."""
+        def enter(module, _args):
+            if handler_for(module) is not None:
+                self.handled.append(module)
+
+        def leave(module, _args, _out):
+            if self.handled and self.handled[-1] is module:
+                self.handled.pop()
+
+        hooks = [nn.modules.module.register_module_forward_pre_hook(enter),
+                 nn.modules.module.register_module_forward_hook(leave)]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -74,6 +96,8 @@ class _ShapeRecorder(TorchFunctionMode):
             for o in outs:
                 if isinstance(o, torch.Tensor) and o.grad_fn is not None:
                     self.shapes.setdefault(o.grad_fn, (tuple(args[0].shape), tuple(o.shape), name))
+                    if self.handled:
+                        self.owners.setdefault(o.grad_fn, self.handled[-1])
         return out
 
 
@@ -145,6 +169,51 @@ def _mirrors(ties: set[tuple[int, int]], width: int) -> int | None:
     return g
 
 
+def _split_part(node, out) -> int | None:
+    """Which part of the split ``node`` its output node ``out`` reads: from the autograd
+    edge between them (Torch-Pruning assumes its outputs come in split order, which the
+    order it finds them in need not be). None when ``out`` reads several parts or none."""
+    parts = {k for fn, k in getattr(out.grad_fn, "next_functions", ()) if fn is node.grad_fn}
+    return parts.pop() if len(parts) == 1 else None
+
+
+def _map_split(graph, node) -> None:
+    """Index mapping of a split whose sizes a handler reads from its module (afie_fast.splits):
+    each output sees its part's channels, at the module's current sizes."""
+    mappings = tp.dependency.index_mapping
+    sizes = node.afie_split.sizes(node.afie_owner)
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    parts = [_split_part(node, out) for out in node.outputs]
+    # Torch-Pruning infers a concat's input widths from these, listed in its outputs' order.
+    node.module.split_sizes = [sizes[k] for k in parts]
+    for out, k in zip(node.outputs, parts):
+        for dep in node.dependencies:
+            if dep.target is out:
+                dep.index_mapping[0] = mappings._SplitIndexMapping(offsets[k:k + 2])
+        for dep in out.dependencies:
+            if dep.target is node:
+                dep.index_mapping[0] = mappings._SplitIndexMapping(offsets[k:k + 2], reverse=True)
+        if out.type == OPTYPE.CONCAT and graph is not None:
+            out.module.concat_sizes = None  # its widths are inferred anew, this part's from sizes[k]
+            mappings.update_concat_index_mapping(graph, out)
+
+
+def _concat_first(cat, split) -> None:
+    """A split's part fed straight into a concat (Res2Net's last part): from the concat back
+    to the split, the concat's mapping (to the part) must run before the split's (to the
+    split's channels). Torch-Pruning puts each in its own slot, the split's first."""
+    mappings = tp.dependency.index_mapping
+    for dep in cat.dependencies:
+        if dep.target is split:
+            slots = dep.index_mapping
+            concat = next((m for m in slots if isinstance(m, mappings._ConcatIndexMapping)), None)
+            part = next((m for m in slots if isinstance(m, mappings._SplitIndexMapping)), None)
+            if concat is not None and part is not None:
+                dep.index_mapping = [concat, part]
+
+
 _UPDATERS = {OPTYPE.CONCAT: "update_concat_index_mapping", OPTYPE.SPLIT: "update_split_index_mapping",
              OPTYPE.RESHAPE: "update_reshape_index_mapping", OPTYPE.UNBIND: "update_unbind_index_mapping",
              OPTYPE.EXPAND: "update_expand_index_mapping", OPTYPE.SLICE: "update_slice_index_mapping"}
@@ -166,7 +235,13 @@ def _index_mapping(failed: list, nodes: list | None = None):
     def tolerant(update):
         def run(graph, node):
             try:
+                if hasattr(node, "afie_split"):  # a split whose sizes a handler knows
+                    _map_split(graph, node)
+                    return
                 update(graph, node)
+                for split in node.inputs if node.type == OPTYPE.CONCAT else ():
+                    if hasattr(split, "afie_split"):
+                        _concat_first(node, split)
             except (ZeroDivisionError, TypeError, ValueError, IndexError):
                 failed.append(node)
         return run
@@ -257,13 +332,14 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> Graph:
     recorder, failed = _ShapeRecorder(), []
 
     def forward(m, x):
-        with recorder:
+        with recorder, recorder.watching_modules():
             return m(x)
 
     with _index_mapping(failed):
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, forward_fn=forward,
                                                    verbose=False)
     opaque: dict[Any, str] = {n: f"a channel {_KIND.get(n.type, 'coupling')} Torch-Pruning cannot map" for n in failed}
+    handled = []
     for node in dg.module2node.values():
         seen = recorder.shapes.get(node.grad_fn)
         if node.type == OPTYPE.RESHAPE:
@@ -272,10 +348,18 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> Graph:
                 opaque.setdefault(node, "a channel reshape (e.g. a channel shuffle) Torch-Pruning cannot map")
         elif node.type in (OPTYPE.SPLIT, OPTYPE.SLICE, OPTYPE.UNBIND):
             # Split sizes and slice bounds are constants of the forward code: cutting the
-            # channels they divide breaks them (or silently moves channels across parts).
+            # channels they divide breaks them (or silently moves channels across parts),
+            # unless a handler knows where the module keeps them (afie_fast.splits).
             (shape_in, shape_out, _) = seen if seen is not None else ((), (), "")
             if len(shape_in) < 2 or len(shape_out) < 2 or shape_out[1] != shape_in[1]:
-                opaque.setdefault(node, "a channel split or slice fixed in the model's forward code")
+                if _handled_split(node, recorder.owners.get(node.grad_fn), shape_in):
+                    handled.append(node)
+                else:
+                    opaque.setdefault(node, "a channel split or slice fixed in the model's forward code "
+                                            "(afie_fast.register_split teaches prune where its sizes live)")
+    with _index_mapping(failed):
+        for node in handled:
+            _map_split(dg, node)
     # A group reaches an opaque node (and is refused for it) but goes no further: through
     # it the channel mapping is unknown, and an identity mapping would join whole networks
     # into one huge group.
@@ -288,6 +372,18 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> Graph:
                 if dep.target is node:
                     dep.index_mapping = [None, None]
     return Graph(dg, opaque)
+
+
+def _handled_split(node, owner: nn.Module | None, shape_in: tuple[int, ...]) -> bool:
+    """Mark a split whose module has a handler (whose sizes it can read, and whose every
+    output reads one part) to be mapped part by part; whether it was."""
+    handler = handler_for(owner) if owner is not None else None
+    if handler is None or node.type != OPTYPE.SPLIT or len(shape_in) < 2:
+        return False
+    if sum(handler.sizes(owner)) != shape_in[1] or any(_split_part(node, out) is None for out in node.outputs):
+        return False
+    node.afie_split, node.afie_owner = handler, owner
+    return True
 
 
 _KIND = {OPTYPE.RESHAPE: "reshape (e.g. a channel shuffle)", OPTYPE.CONCAT: "concat", OPTYPE.SPLIT: "split"}
@@ -355,13 +451,36 @@ def find_units(graph: Graph, groups: list, layers: Iterable[str], prune_residual
             skipped.update((m[0], reason) for m in members if m[0] in layers)
             continue
         g = max(_channel_groups(item.dep.target.module) for item in group)
-        if mirrors > 1 and g > 1:
-            skipped.update((m[0], _TIED) for m in members if m[0] in layers)
+        parts = _equal_parts(group)
+        if mirrors > 1 and g > 1 or parts is None or parts > 1 and g not in (1, parts):
+            why = _TIED if parts is not None else _UNEQUAL
+            skipped.update((m[0], why) for m in members if m[0] in layers)
             continue
-        g = max(g, mirrors)  # tied copies are cut like the groups of a grouped conv: mirrored
+        # tied copies and a split's equal parts are cut like the groups of a grouped conv: mirrored
+        g = max(g, mirrors, parts)
         units.append(Unit(group[0].dep.target.module, group[0].dep.handler, members, len(group[0].idxs), g,
                           _touched(dg, group), group, _fixed_mapping(group), _parts(group)))
     return units, skipped
+
+
+_UNEQUAL = ("a split into equal parts (Res2Net's width) whose parts do not line up with the coupled channels: a "
+            "cut could not keep them equal")
+
+
+def _equal_parts(group) -> int | None:
+    """P when the group passes a handled split into P equal parts that its root's channels
+    fill one to one (a mirrored cut keeps them equal), 1 when it passes none, None when the
+    parts do not line up with the root's channels."""
+    width, parts = len(group[0].idxs), 1
+    for item in group:
+        split = getattr(item.dep.target, "afie_split", None)
+        if split is None or not split.equal:
+            continue
+        sizes = split.sizes(item.dep.target.afie_owner)
+        if sum(sizes) != width or list(item.idxs) != list(item.root_idxs) or parts not in (1, len(sizes)):
+            return None
+        parts = len(sizes)
+    return parts
 
 
 def _parts(group) -> list[frozenset[int]]:

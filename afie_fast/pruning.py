@@ -21,6 +21,7 @@ from .copying import copy_model
 from .counting import Counting, Measured
 from .layers import Conv, Layer, layers_of, width
 from .coupling import RESIDUAL, Graph, Unit, build_graph, find_units, is_out_conv
+from .splits import refresh
 from .report import MAX_RATIO, AFIEReport, allocate_ratios, round_counts, text_table
 from .scoring import l1_scores, scoring_mode
 
@@ -347,6 +348,9 @@ def _check_reached(run: "_Run", plan: _Plan, target: float, kept: dict[str, tupl
     return reached
 
 
+_KEPT = f"{RESIDUAL} (the target is reachable without it; prune_residual=True cuts it)"
+
+
 class _Run:
     """One prune() call's state: a deep copy of the model, its traced graph and units, the
     cost model, and after :meth:`apply` the measured result."""
@@ -389,6 +393,8 @@ class _Run:
 
     def _find_units(self) -> None:
         self.units, self.skipped = find_units(self.graph, self.groups, self.report.layers, self.residual)
+        if self.prune_residual == "auto" and not self.residual:  # kept whole because the target did not need them
+            self.skipped = {n: _KEPT if why.startswith(RESIDUAL) else why for n, why in self.skipped.items()}
         self.cost = _CostModel(self.before, self.graph.names, self.units)
         self.max_target = _max_target(self.units) if self.units else 0.0
 
@@ -403,8 +409,6 @@ class _Run:
             at_caps = _plan(self.units, self.report, self.max_target, self.allocation, self.cost)
             most = self.max_target if self.unit == "filters" else self.predicted(at_caps)
         if self.units and most >= target - 0.01:
-            self.skipped.update((n, f"{RESIDUAL} (the target is reachable without it; prune_residual=True cuts it)")
-                                for n in streams)
             return
         self.residual = True
         self._find_units()
@@ -477,6 +481,7 @@ class _Run:
         # channels two units share, as a residual stream fed by a concat).
         _apply(self.graph, self.units, plan, self.report, layers_of(self.model), criterion, seed,
                tick=self.bar.update)
+        refresh(self.work)  # split sizes kept in attributes follow the cut layers
         self._step("check")
         # Counted like the original: by its conv and linear layers where they held every FLOP.
         self.macs, self.params = _check_runs(self.work, self.x, self.before.shape, dispatch=not self.before.by_layers)
@@ -663,6 +668,7 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     example = torch.zeros(plan["input_shape"], dtype=getattr(torch, plan["input_dtype"]))
     with scoring_mode(rebuilt):
         build_graph(rebuilt, example).replay([[n, out, idxs] for n, out, idxs in plan["history"]])
+    refresh(rebuilt)
     state._metadata = plan.get("state_dict_metadata", {})  # module versions, which safetensors does not keep
     rebuilt.load_state_dict(state, strict=True)
     rebuilt.afie_fast_plan = plan

@@ -4,6 +4,8 @@ nets of every conv kind (1-D ResNet, TCN, 3-D ResNet, U-Net with transposed conv
 import torch
 from torch import nn
 
+import afie_fast as af
+
 from afie_fast.models import BasicBlock, Bottleneck, ResNet
 
 
@@ -277,8 +279,86 @@ class CatResidual(nn.Module):
         return self.head(x.mean(dim=(2, 3)))
 
 
+class MixedSplit(nn.Module):
+    """A mixed-kernel conv as timm's MixedConv2d writes it: the input split among convs of
+    different kernel sizes by sizes kept in ``self.splits``, the outputs concatenated."""
+
+    def __init__(self, cin, cout, kernels=(3, 5), depthwise=False):
+        super().__init__()
+        ins = [cin // len(kernels)] * len(kernels)
+        outs = [cout // len(kernels)] * len(kernels)
+        ins[0], outs[0] = ins[0] + cin - sum(ins), outs[0] + cout - sum(outs)
+        self.convs = nn.ModuleList(nn.Conv2d(i, o, k, padding=k // 2, groups=i if depthwise else 1)
+                                   for i, o, k in zip(ins, outs, kernels))
+        self.splits = ins
+
+    def forward(self, x):
+        return torch.cat([conv(part) for conv, part in zip(self.convs, torch.split(x, self.splits, 1))], 1)
+
+
+class MixNetBlock(nn.Module):
+    """MixNet's inverted residual: a mixed pointwise expansion, a mixed depthwise conv (split
+    sizes in attributes, registered with af.register_split in this file), a projection."""
+
+    def __init__(self, c=12):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.expand, self.bn1 = MixedSplit(c, 3 * c, kernels=(1, 1)), nn.BatchNorm2d(3 * c)
+        self.dw, self.bn2 = MixedSplit(3 * c, 3 * c, kernels=(3, 5, 7), depthwise=True), nn.BatchNorm2d(3 * c)
+        self.project = nn.Conv2d(3 * c, c, 1)
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        y = torch.relu(self.bn2(self.dw(torch.relu(self.bn1(self.expand(x))))))
+        return self.head((x + self.project(y)).mean(dim=(2, 3)))
+
+
+class Res2Block(nn.Module):
+    """Res2Net's hierarchical split: conv1's output split into `scale` parts of `width`
+    channels; each part after the first adds the previous part's conv output before its
+    own conv; the parts are concatenated back (the last one as it came)."""
+
+    def __init__(self, c=16, width=4, scale=4):
+        super().__init__()
+        self.width, self.scale = width, scale
+        self.conv1, self.bn1 = nn.Conv2d(c, width * scale, 1, bias=False), nn.BatchNorm2d(width * scale)
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1, bias=False) for _ in range(scale - 1))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(scale - 1))
+        self.conv3, self.bn3 = nn.Conv2d(width * scale, c, 1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        parts = torch.split(torch.relu(self.bn1(self.conv1(x))), self.width, 1)
+        outs, sp = [], parts[0]
+        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
+            sp = parts[i] if i == 0 else sp + parts[i]
+            sp = torch.relu(bn(conv(sp)))
+            outs.append(sp)
+        outs.append(parts[-1])
+        return torch.relu(self.bn3(self.conv3(torch.cat(outs, 1))) + x)
+
+
+class Res2Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.block = Res2Block()
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(self.block(torch.relu(self.stem(x))).mean(dim=(2, 3)))
+
+
+# How a user teaches prune() their split modules (README "Channel splits").
+af.register_split(MixedSplit, sizes=lambda m: [conv.in_channels for conv in m.convs],
+                  update=lambda m, sizes: setattr(m, "splits", sizes))
+af.register_split(Res2Block, sizes=lambda m: [m.convs[0].in_channels] * m.scale,
+                  update=lambda m, sizes: setattr(m, "width", sizes[0]), equal=True)
+
+
 MOTIFS = {"conv_head": ConvHead, "seg_head": SegHead, "shuffle": ShuffleNetBlock, "ghost": GhostBlock,
-          "ghost_se": GhostSE, "mixconv": MixConv, "resnext": ResNeXtBlock, "cat_residual": CatResidual}
+          "ghost_se": GhostSE, "mixconv": MixConv, "resnext": ResNeXtBlock, "cat_residual": CatResidual,
+          "mixnet": MixNetBlock, "res2net": Res2Net}
 
 
 class Expansions(nn.Module):

@@ -14,7 +14,7 @@ from test_architectures import zero_even_channels
 timm = import_timm()
 
 MODELS = ["dpn68", "ghostnet_100", "rexnet_100", "resnest14d", "dla34", "cspdarknet53", "selecsls42b",
-          "xception41", "regnety_016", "ese_vovnet19b_dw"]
+          "xception41", "regnety_016", "ese_vovnet19b_dw", "mixnet_s", "res2net50_14w_8s"]
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
 
 
