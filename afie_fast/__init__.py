@@ -5,7 +5,8 @@ from .accumulator import CovarianceAccumulator
 from .calibration import recalibrate_bn
 from .entropy import afie_from_spectrum, backend_info
 from .report import AFIEReport, LayerScore
-from .pruning import AFIEImportance, PruneStats, load_pruned, prune, save_pruned
+from .pruning import AFIEImportance, PruneStats, prune
+from .saving import load_pruned, save_pruned
 from .scoring import score
 from .splits import register_split
 

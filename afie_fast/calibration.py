@@ -1,8 +1,9 @@
 """BatchNorm recalibration after pruning ("adaptive BN", Li et al., EagleEye, ECCV 2020)."""
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -35,10 +36,7 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int | None = DEF
     Returns:
         ``model``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if batches is not None and (not isinstance(batches, int) or isinstance(batches, bool) or batches < 1):
-        raise ValueError(f"batches must be a positive int or None, got {batches!r}")
+    _check_args(model, batches)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         warnings.warn(f"{type(model).__name__} has no BatchNorm layers: nothing to recalibrate", stacklevel=2)
@@ -47,25 +45,41 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int | None = DEF
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     from tqdm.auto import tqdm
 
+    bar = tqdm(loader, desc="recalibrate BN", unit="batch", disable=not progress, leave=False, total=batches)
+    with _norms_averaging(model, norms), torch.no_grad():
+        seen = 0
+        for batch in bar:
+            if batches is not None and seen >= batches:
+                break
+            model(model_input(batch, input_fn).to(device))
+            seen += 1
+        if seen == 0:
+            raise ValueError("the loader yielded no batches")
+    return model
+
+
+def _check_args(model: Any, batches: Any) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if batches is not None and (not isinstance(batches, int) or isinstance(batches, bool) or batches < 1):
+        raise ValueError(f"batches must be a positive int or None, got {batches!r}")
+
+
+@contextlib.contextmanager
+def _norms_averaging(model: nn.Module, norms: list[nn.Module]) -> Iterator[None]:
+    """The model in eval mode but ``norms`` in train mode, their statistics reset and
+    averaged cumulatively (momentum None), for the block. Every module's mode and every
+    norm's momentum are restored after; its statistics too if the block fails."""
     modes = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in norms]
-    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]  # restored if a batch fails
-    seen = 0
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
     try:
         model.eval()
         for m in norms:
             m.reset_running_stats()
             m.momentum = None  # a cumulative average over the batches, not an exponential one
             m.train()
-        with torch.no_grad():
-            for batch in tqdm(loader, desc="recalibrate BN", unit="batch", disable=not progress, leave=False,
-                              total=batches):
-                if batches is not None and seen >= batches:
-                    break
-                model(model_input(batch, input_fn).to(device))
-                seen += 1
-        if seen == 0:
-            raise ValueError("the loader yielded no batches")
+        yield
     except BaseException:
         for m, state in zip(norms, saved):
             m.load_state_dict(state)
@@ -75,4 +89,3 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int | None = DEF
             m.momentum = momentum
         for m, mode in modes:
             m.training = mode
-    return model

@@ -508,24 +508,42 @@ def _fixed_mapping(group) -> bool:
 
 
 def _why_whole(graph: Graph, group, members: list, layers: set[str], prune_residual: bool) -> str | None:
-    """Why a group must stay whole, or None when it can be cut."""
-    dg, nodes = graph.dg, [item.dep.target for item in group]
-    if any(_changes_output(dg, item) for item in group):
-        return "its channels reach the model's output"
-    if any(n in graph.opaque for n in nodes):
-        return next(graph.opaque[n] for n in nodes if n in graph.opaque)
-    if not prune_residual and len(members) > 1 and any(
-            n.type == OPTYPE.ELEMENTWISE and type(n.grad_fn).__name__.startswith(("Add", "Sub")) for n in nodes):
-        return f"{RESIDUAL} (prune_residual=False)"
-    if any(m[0] not in layers for m in members):
-        return "coupled to a conv outside the report"
+    """Why a group must stay whole, or None when it can be cut: the first of the checks
+    below that finds a reason."""
+    nodes = [item.dep.target for item in group]
+    opaque = next((graph.opaque[n] for n in nodes if n in graph.opaque), None)
+    return (_reaches_output(graph.dg, group) or opaque or _residual(nodes, members, prune_residual)
+            or _outside(members, layers) or _grouped_transposed(nodes) or _misaligned_groups(group))
+
+
+def _reaches_output(dg: tp.DependencyGraph, group) -> str | None:
+    return "its channels reach the model's output" if any(_changes_output(dg, item) for item in group) else None
+
+
+def _residual(nodes: list, members: list, prune_residual: bool) -> str | None:
+    """A residual stream: two or more convs' outputs added (or subtracted) together."""
+    added = any(n.type == OPTYPE.ELEMENTWISE and type(n.grad_fn).__name__.startswith(("Add", "Sub")) for n in nodes)
+    return f"{RESIDUAL} (prune_residual=False)" if not prune_residual and len(members) > 1 and added else None
+
+
+def _outside(members: list, layers: set[str]) -> str | None:
+    return "coupled to a conv outside the report" if any(m[0] not in layers for m in members) else None
+
+
+def _grouped_transposed(nodes: list) -> str | None:
     if any(isinstance(n.module, Conv) and n.module.transposed and n.module.groups > 1 for n in nodes):
         return "a grouped transposed conv (Torch-Pruning cuts its weight as if ungrouped)"
+    return None
+
+
+def _misaligned_groups(group) -> str | None:
+    """Mirrored cuts index channels by their position in the root's group layout: a grouped
+    conv's groups must line up with the root's channels."""
     g = max(_channel_groups(item.dep.target.module) for item in group)
-    if g > 1:
-        # Mirrored cuts index channels by their position in the root's group layout.
-        identity = all(list(item.idxs) == list(item.root_idxs) for item in group
-                       if _channel_groups(item.dep.target.module) > 1)
-        if len(group[0].idxs) % g or not identity:
-            return "a grouped conv whose groups do not align with the coupled channels"
+    if g == 1:
+        return None
+    identity = all(list(item.idxs) == list(item.root_idxs) for item in group
+                   if _channel_groups(item.dep.target.module) > 1)
+    if len(group[0].idxs) % g or not identity:
+        return "a grouped conv whose groups do not align with the coupled channels"
     return None

@@ -9,7 +9,8 @@ import torch
 from .calibration import recalibrate_bn
 from .data import load_digits
 from .models import digits_cnn
-from .pruning import prune, save_pruned
+from .pruning import prune
+from .saving import save_pruned
 from .scoring import score
 from .training import accuracy, latency_ms, train
 

@@ -3,13 +3,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
-import json
 import math
-from collections import OrderedDict
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -21,6 +17,7 @@ from .copying import copy_model
 from .counting import Counting, Measured
 from .layers import Conv, Layer, layers_of, width
 from .coupling import RESIDUAL, Graph, Unit, build_graph, find_units, is_out_conv
+from .saving import PLAN_FORMAT, PLAN_VERSION, state_dict_metadata
 from .splits import refresh
 from .report import MAX_RATIO, AFIEReport, allocate_ratios, round_counts, text_table
 from .scoring import l1_scores, scoring_mode
@@ -28,8 +25,6 @@ from .scoring import l1_scores, scoring_mode
 CRITERIA = ("l1", "variance", "independence", "random")
 DEFAULT_CRITERION = "l1"
 UNITS = ("filters", "flops", "params")
-PLAN_FORMAT = "afie_fast.pruned"
-PLAN_VERSION = 3  # 2: Linear layers in "layers", state-dict metadata; 3: every conv kind in "layers"
 PROGRESS_DELAY_S = 2.0  # prune() shows its bar only once it has run this long
 
 
@@ -286,14 +281,10 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
                                    disable=not progress, leave=False) as bar:
         run = _Run(model, report, example_inputs.detach(), ignored, prune_residual, allocation, unit, target, bar)
         plan, work = run.reach(target, criterion, seed)
-        kept = {n: (report.layers[n].n_filters, width(run.layers[n])) for n in report.layers}
-        reached = plan.filters_removed if unit == "filters" else _check_reached(run, plan, target, kept)
+        stats = run.stats(plan, target, criterion)
         work.afie_fast_plan = run.saved_plan()
     if calibrate is not None:
         recalibrate_bn(work, calibrate)
-    share_macs, share_params = _prunable_share(run.cost, run.units)
-    stats = PruneStats(run.before.params, run.params, run.before.macs, run.macs, kept, unit, target, reached,
-                       plan.filter_target, criterion, run.skipped, share_macs, share_params, run.joined)
     return work, stats
 
 
@@ -344,7 +335,7 @@ def _check_reached(run: "_Run", plan: _Plan, target: float, kept: dict[str, tupl
                          f"the most is {reached:.1%} ({removed} of {total} filters removed, "
                          f"{len(run.units)} prunable units); {_why_short(run.skipped, run.prune_residual)}")
     if abs(reached - target) > 0.01:  # whole filters are too coarse in a small model
-        warnings.warn(f"{unit} reduction {reached:.1%} is the closest whole filters get to {target:.0%}", stacklevel=3)
+        warnings.warn(f"{unit} reduction {reached:.1%} is the closest whole filters get to {target:.0%}", stacklevel=4)
     return reached
 
 
@@ -488,6 +479,15 @@ class _Run:
         self.bar.update()
         return self.work
 
+    def stats(self, plan: _Plan, target: float, criterion: str) -> PruneStats:
+        """What the last :meth:`apply` did; for FLOPs/params an error if ``target`` was out
+        of reach (see _check_reached)."""
+        kept = {n: (self.report.layers[n].n_filters, width(self.layers[n])) for n in self.report.layers}
+        reached = plan.filters_removed if self.unit == "filters" else _check_reached(self, plan, target, kept)
+        share_macs, share_params = _prunable_share(self.cost, self.units)
+        return PruneStats(self.before.params, self.params, self.before.macs, self.macs, kept, self.unit, target,
+                          reached, plan.filter_target, criterion, self.skipped, share_macs, share_params, self.joined)
+
     def saved_plan(self) -> dict[str, Any]:
         """What save_pruned stores: the history that load_pruned replays, and the widths."""
         widths = {n: width(m) for n, m in layers_of(self.model).items()}
@@ -497,7 +497,7 @@ class _Run:
             "layers": {n: [widths[n], width(m)] for n, m in self.layers.items()},
             "history": [[name, bool(out), [int(i) for i in idxs]]
                         for name, out, idxs in self.graph.dg.pruning_history()],
-            "state_dict_metadata": _state_dict_metadata(self.work),
+            "state_dict_metadata": state_dict_metadata(self.work),
         }
 
 
@@ -557,13 +557,6 @@ def _check_runs(model: nn.Module, example_inputs: torch.Tensor, shape: Any, disp
     return after.macs, after.params
 
 
-def _state_dict_metadata(model: nn.Module) -> dict[str, dict]:
-    """Per-module state-dict metadata (versions) that safetensors does not keep but some
-    modules' _load_from_state_dict need (torchvision's MNASNet, BatchNorm)."""
-    meta = getattr(model.state_dict(), "_metadata", None) or {}
-    return {k: {kk: vv for kk, vv in v.items() if isinstance(vv, (int, str, float, bool))} for k, v in meta.items()}
-
-
 class AFIEImportance(tp.importance.Importance):
     """AFIE's within-layer filter scores as a torch-pruning Importance, so that its own
     pruners (MetaPruner with ``pruning_ratio_dict`` from ``report.ratios(...)``) can use them.
@@ -596,80 +589,3 @@ class AFIEImportance(tp.importance.Importance):
             total.index_add_(0, torch.tensor(list(item.root_idxs)), scores[list(item.idxs)])
             found = True
         return total.float() if found else None
-
-
-def save_pruned(pruned: nn.Module, path: str | Path) -> Path:
-    """Save a model returned by :func:`prune` without pickle: one safetensors file holding
-    the weights and, in its metadata, the pruning plan (kept filters per layer, as JSON)
-    and a SHA-256 of both that :func:`load_pruned` checks."""
-    from safetensors.torch import save_file
-
-    if not isinstance(pruned, nn.Module):
-        raise TypeError(f"pruned must be the torch.nn.Module afie_fast.prune returned, got {type(pruned).__name__}")
-    if not isinstance(path, (str, Path)):
-        raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
-    plan = getattr(pruned, "afie_fast_plan", None)
-    if plan is None:
-        raise ValueError("save_pruned takes a model returned by afie_fast.prune (it carries the pruning plan)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in pruned.state_dict().items()}
-    plan_json = json.dumps(plan)
-    save_file(tensors, str(path), metadata={"afie_fast.plan": plan_json,
-                                            "afie_fast.sha256": _file_digest(tensors, plan_json)})
-    return path
-
-
-def _file_digest(tensors: dict[str, torch.Tensor], plan_json: str) -> str:
-    """SHA-256 over the plan and every tensor's name, dtype, shape and bytes."""
-    h = hashlib.sha256(plan_json.encode())
-    for name in sorted(tensors):
-        t = tensors[name]
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
-    """Rebuild a pruned model from a fresh, unpruned instance of its architecture and a
-    file written by :func:`save_pruned`. Returns a new module; ``model`` is not changed.
-    A damaged or edited file (its checksum does not match) is a ValueError."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a fresh instance of the pruned model's architecture (a torch.nn.Module), "
-                        f"got {type(model).__name__}")
-    if not isinstance(path, (str, Path)):
-        raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
-    path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        plan_json = meta["afie_fast.plan"]
-        plan = json.loads(plan_json)
-        state = OrderedDict(load_file(str(path)))
-    except (OSError, KeyError, ValueError, SafetensorError) as exc:
-        raise ValueError(f"{path}: not a pruned model saved by afie_fast.save_pruned ({exc})") from exc
-    if "afie_fast.sha256" in meta and meta["afie_fast.sha256"] != _file_digest(state, plan_json):
-        raise ValueError(f"{path}: corrupt file: its weights or plan do not match its checksum "
-                         "(damaged or edited after save_pruned)")
-    if not isinstance(plan, dict) or plan.get("format") != PLAN_FORMAT or int(plan.get("version", 0)) > PLAN_VERSION:
-        raise ValueError(f"{path}: unknown or newer pruning plan format")
-    # Plans list the Conv2d layers only before version 2, and no other conv kind before 3.
-    version = int(plan.get("version", 1))
-    kinds = (Conv, nn.Linear) if version >= 3 else (nn.Conv2d, nn.Linear) if version == 2 else (nn.Conv2d,)
-    convs = {n: width(m) for n, m in layers_of(model).items() if isinstance(m, kinds)}
-    expected = {n: b for n, (b, _) in plan["layers"].items()}
-    if convs != expected:
-        raise ValueError(f"{path} was made for another model ({plan['model']}): its conv layers and widths "
-                         f"do not match this {type(model).__name__}")
-    rebuilt = copy_model(model)
-    example = torch.zeros(plan["input_shape"], dtype=getattr(torch, plan["input_dtype"]))
-    with scoring_mode(rebuilt):
-        build_graph(rebuilt, example).replay([[n, out, idxs] for n, out, idxs in plan["history"]])
-    refresh(rebuilt)
-    state._metadata = plan.get("state_dict_metadata", {})  # module versions, which safetensors does not keep
-    rebuilt.load_state_dict(state, strict=True)
-    rebuilt.afie_fast_plan = plan
-    return rebuilt
