@@ -103,10 +103,11 @@ def main() -> None:
             ratio = f"{statistics.median(p / f for p, f in zip(times['prune'], times['floor'])):.2f}×"
         rows.append([name, floor_s, f"{statistics.median(times['prune']):.2f}",
                      ratio, f"{stats.reached:.1%}", f"{changed}/{len(stats.kept)}",
-                     f"{stats.prunable_macs:.0%}", exports_and_reloads(name.rstrip("*"), pruned, x)])
+                     f"{stats.prunable_macs:.0%}", "cut" if stats.residual_streams else "whole",
+                     exports_and_reloads(name.rstrip("*"), pruned, x)])
         print(rows[-1], flush=True)
     print(table(["model", "graph + groups s", "prune(flops 50%) s", "ratio", "FLOPs removed", "convs pruned",
-                 "prunable MACs", "export, reload"], rows))
+                 "prunable MACs", "residual streams", "export, reload"], rows))
 
 
 @contextlib.contextmanager
