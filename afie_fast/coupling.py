@@ -67,6 +67,7 @@ class _ShapeRecorder(TorchFunctionMode):
         super().__init__()
         self.shapes: dict[Any, tuple[tuple[int, ...], tuple[int, ...], str]] = {}
         self.owners: dict[Any, nn.Module] = {}  # grad_fn of a split → the innermost module with a split handler
+        self.reduced: set = set()  # grad_fns of reductions over dim 1 of a 5-D or wider tensor
         self.handled: list[nn.Module] = []  # the stack of such modules whose forward is running
 
     @contextlib.contextmanager
@@ -91,6 +92,10 @@ class _ShapeRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", "")
+        if name in ("sum", "mean", "amax") and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 5:
+            dim = (kwargs or {}).get("dim", args[1] if len(args) > 1 else None)
+            if dim in (1, (1,), [1]) and isinstance(out, torch.Tensor) and out.grad_fn is not None:
+                self.reduced.add(out.grad_fn)
         if name in _SHAPE_FUNCS and args and isinstance(args[0], torch.Tensor):
             outs = out if isinstance(out, (tuple, list)) else (out,)
             for o in outs:
@@ -177,6 +182,65 @@ def _split_part(node, out) -> int | None:
     return parts.pop() if len(parts) == 1 else None
 
 
+class _GroupsMapping:
+    """Through a reshape (N, G·C, …) → (N, G, C, …) whose G axis is reduced later: channel
+    k is channel k mod C of the C axis, and channel c is each of the G channels g·C + c."""
+
+    def __init__(self, groups: int, channels: int, reverse: bool) -> None:
+        self.groups, self.channels, self.reverse = groups, channels, reverse
+
+    def __call__(self, idxs):
+        hybrid = tp._helpers._HybridIndex
+        if self.reverse:
+            mapped = {hybrid(g * self.channels + i.idx, i.root_idx) for i in idxs for g in range(self.groups)}
+        else:
+            mapped = {hybrid(i.idx % self.channels, i.root_idx) for i in idxs}
+        # Sorted and unique: Torch-Pruning stops propagating when it meets the same index list
+        # again, which a many-to-one mapping in a cycle would otherwise never produce.
+        return sorted(mapped)
+
+
+def _map_groups(graph, node) -> None:
+    """Index mapping of a reshape into groups (see _GroupsMapping), at its traced sizes: the
+    channels through it belong to one unit and are cut once."""
+    groups, channels = node.afie_groups
+    flatten = tp.dependency.index_mapping._FlattenIndexMapping
+    for out in node.outputs:  # Torch-Pruning may have read the reshape as a flatten
+        for dep in [*node.dependencies, *out.dependencies]:
+            if {dep.source, dep.target} == {node, out} and isinstance(dep.index_mapping[0], flatten):
+                dep.index_mapping[0] = None
+    for source in node.inputs:
+        for dep in source.dependencies:
+            if dep.target is node:
+                dep.index_mapping = [_GroupsMapping(groups, channels, reverse=False), None]
+        for dep in node.dependencies:
+            if dep.target is source:
+                dep.index_mapping = [_GroupsMapping(groups, channels, reverse=True), None]
+
+
+def _into_groups(node, shapes: tuple, reduced: set) -> bool:
+    """Whether a reshape splits the channels into groups, (N, G·C, …) → (N, G, C, …), whose
+    axis every use reduces (a sum or mean over dim 1, through elementwise ops only: selective
+    kernels' path attention); then the C axis carries the channels."""
+    shape_in, shape_out = shapes[0], shapes[1]
+    if not (len(shape_out) == len(shape_in) + 1 >= 4 and shape_out[0] == shape_in[0]
+            and shape_out[1] * shape_out[2] == shape_in[1] and shape_out[3:] == shape_in[2:]):
+        return False
+    frontier, seen = list(node.outputs), set()
+    while frontier:
+        n = frontier.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.grad_fn in reduced:
+            continue
+        if n.type != OPTYPE.ELEMENTWISE or not n.outputs or len(seen) > 32:
+            return False
+        frontier.extend(n.outputs)
+    node.afie_groups = (shape_out[1], shape_out[2])
+    return bool(seen)
+
+
 def _map_split(graph, node) -> None:
     """Index mapping of a split whose sizes a handler reads from its module (afie_fast.splits):
     each output sees its part's channels, at the module's current sizes."""
@@ -238,6 +302,9 @@ def _index_mapping(failed: list, nodes: list | None = None):
                 if hasattr(node, "afie_split"):  # a split whose sizes a handler knows
                     _map_split(graph, node)
                     return
+                if hasattr(node, "afie_groups"):  # a reshape into groups that are reduced
+                    _map_groups(graph, node)
+                    return
                 update(graph, node)
                 for split in node.inputs if node.type == OPTYPE.CONCAT else ():
                     if hasattr(split, "afie_split"):
@@ -259,6 +326,24 @@ def _index_mapping(failed: list, nodes: list | None = None):
     finally:
         for name, update in real.items():
             setattr(mapping, name, update)
+
+
+@contextlib.contextmanager
+def _each_channel_once():
+    """Layers cut with each index once. A layer reached from several root channels (a
+    selective kernel's paths, from each path's copy of the attention) holds an index per
+    root, and Torch-Pruning's pruners subtract the count of indices, repeats included, from
+    the layer's width."""
+    real = tp.dependency.Dependency.__call__
+
+    def call(dep, idxs):
+        return real(dep, list(dict.fromkeys(tp._helpers.to_plain_idxs(idxs))))
+
+    tp.dependency.Dependency.__call__ = call
+    try:
+        yield
+    finally:
+        tp.dependency.Dependency.__call__ = real
 
 
 @dataclass
@@ -308,7 +393,7 @@ class Graph:
             # Torch-Pruning rebuilds the group for the current widths (concat offsets move as
             # other units are cut), re-mapping only the nodes the group passes through.
             nodes = list(dict.fromkeys(item.dep.target for item in unit.group if item.dep.target.type in _UPDATERS))
-            with _index_mapping([], nodes=nodes):
+            with _index_mapping([], nodes=nodes), _each_channel_once():
                 self.dg.get_pruning_group(unit.root, unit.handler, idxs).prune()
             return
         # Every member maps the root's channels one to one, so the cut is the whole group
@@ -319,11 +404,12 @@ class Graph:
             cut = [i for i in item.idxs if i in keep]
             if cut:
                 group.add_dep(item.dep, cut)
-        group.prune()
+        with _each_channel_once():
+            group.prune()
 
     def replay(self, history: list) -> None:
         """Redo a pruning history (save/load) on a fresh copy of the model."""
-        with _index_mapping([]):
+        with _index_mapping([]), _each_channel_once():
             self.dg.load_pruning_history(history)
 
 
@@ -339,13 +425,16 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> Graph:
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, forward_fn=forward,
                                                    verbose=False)
     opaque: dict[Any, str] = {n: f"a channel {_KIND.get(n.type, 'coupling')} Torch-Pruning cannot map" for n in failed}
-    handled = []
+    handled, grouped = [], []
     for node in dg.module2node.values():
         seen = recorder.shapes.get(node.grad_fn)
         if node.type == OPTYPE.RESHAPE:
             # Views inside other ops (F.linear on a 4-D input) are not seen: they keep the last dim.
             if seen is not None and not _keeps_channels(seen[0], seen[1]):
-                opaque.setdefault(node, "a channel reshape (e.g. a channel shuffle) Torch-Pruning cannot map")
+                if _into_groups(node, seen, recorder.reduced):
+                    grouped.append(node)
+                else:
+                    opaque.setdefault(node, "a channel reshape (e.g. a channel shuffle) Torch-Pruning cannot map")
         elif node.type in (OPTYPE.SPLIT, OPTYPE.SLICE, OPTYPE.UNBIND):
             # Split sizes and slice bounds are constants of the forward code: cutting the
             # channels they divide breaks them (or silently moves channels across parts),
@@ -360,6 +449,8 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> Graph:
     with _index_mapping(failed):
         for node in handled:
             _map_split(dg, node)
+        for node in grouped:
+            _map_groups(dg, node)
     # A group reaches an opaque node (and is refused for it) but goes no further: through
     # it the channel mapping is unknown, and an identity mapping would join whole networks
     # into one huge group.
@@ -421,7 +512,7 @@ def _touched(dg: tp.DependencyGraph, group) -> list[tuple[nn.Module, str, int]]:
         module = item.dep.target.module
         if isinstance(module, (Conv, nn.Linear, nn.modules.batchnorm._BatchNorm)):
             side = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
-            out.append((module, side, len(item.idxs)))
+            out.append((module, side, len(set(item.idxs))))  # an index once, however many roots reach it
     return out
 
 

@@ -98,3 +98,13 @@ def _res2net_update(m: nn.Module, sizes: list[int]) -> None:
 # timm's Res2Net bottleneck: conv1's output split into `scale` parts of `width` channels.
 register_split("timm.models.res2net.Bottle2neck", lambda m: [m.convs[0].in_channels] * m.scale, _res2net_update,
                equal=True)
+
+
+def _selective_kernel_update(m: nn.Module, sizes: list[int]) -> None:
+    m.in_channels = sum(sizes) if m.split_input else sizes[0]
+    m.out_channels = m.paths[0].conv.out_channels
+
+
+# timm's SelectiveKernel (SKNet): the input split equally among the kernel paths.
+register_split("timm.layers.selective_kernel.SelectiveKernel", lambda m: [p.conv.in_channels for p in m.paths],
+               _selective_kernel_update, equal=True)

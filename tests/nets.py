@@ -349,16 +349,53 @@ class Res2Net(nn.Module):
         return self.head(self.block(torch.relu(self.stem(x))).mean(dim=(2, 3)))
 
 
+class SelectiveKernel(nn.Module):
+    """SKNet's selective kernel: the input split equally among paths of different
+    dilation, their outputs stacked, weighted by an attention whose output is reshaped to
+    (paths, channels) and softmaxed over the paths, and summed over the paths."""
+
+    def __init__(self, cin=16, cout=12, paths=2, attn=8):
+        super().__init__()
+        self.paths = nn.ModuleList(nn.Sequential(nn.Conv2d(cin // paths, cout, 3, padding=d, dilation=d, bias=False),
+                                                 nn.BatchNorm2d(cout), nn.ReLU()) for d in range(1, paths + 1))
+        self.fc_reduce, self.bn = nn.Conv2d(cout, attn, 1, bias=False), nn.BatchNorm2d(attn)
+        self.fc_select = nn.Conv2d(attn, cout * paths, 1, bias=False)
+        self.in_channels = cin
+
+    def forward(self, x):
+        parts = torch.split(x, self.in_channels // len(self.paths), 1)
+        x = torch.stack([path(part) for path, part in zip(self.paths, parts)], dim=1)
+        a = torch.relu(self.bn(self.fc_reduce(x.sum(1).mean((2, 3), keepdim=True))))
+        a = self.fc_select(a)
+        a = torch.softmax(a.view(a.shape[0], len(self.paths), a.shape[1] // len(self.paths), 1, 1), dim=1)
+        return (x * a).sum(1)
+
+
+class SKNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.sk = SelectiveKernel()
+        self.conv = nn.Conv2d(12, 16, 3, padding=1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = self.conv(torch.relu(self.sk(torch.relu(self.stem(x)))))
+        return self.head(torch.relu(y).mean(dim=(2, 3)))
+
+
 # How a user teaches prune() their split modules (README "Channel splits").
 af.register_split(MixedSplit, sizes=lambda m: [conv.in_channels for conv in m.convs],
                   update=lambda m, sizes: setattr(m, "splits", sizes))
 af.register_split(Res2Block, sizes=lambda m: [m.convs[0].in_channels] * m.scale,
                   update=lambda m, sizes: setattr(m, "width", sizes[0]), equal=True)
+af.register_split(SelectiveKernel, sizes=lambda m: [p[0].in_channels for p in m.paths],
+                  update=lambda m, sizes: setattr(m, "in_channels", sum(sizes)), equal=True)
 
 
 MOTIFS = {"conv_head": ConvHead, "seg_head": SegHead, "shuffle": ShuffleNetBlock, "ghost": GhostBlock,
           "ghost_se": GhostSE, "mixconv": MixConv, "resnext": ResNeXtBlock, "cat_residual": CatResidual,
-          "mixnet": MixNetBlock, "res2net": Res2Net}
+          "mixnet": MixNetBlock, "res2net": Res2Net, "sknet": SKNet}
 
 
 class Expansions(nn.Module):

@@ -250,7 +250,7 @@ def test_cuts_equal_torch_pruning_rebuilding_each_group(name, prune_residual, mo
     assert_same_cut(ours, theirs)
     # the fixed path ran (beside rebuilt groups: VGG's flatten, the concats), except where
     # every group passes a split or a concat
-    assert fixed > 0 or name in ("mixnet", "res2net")
+    assert fixed > 0 or name in ("mixnet", "res2net", "sknet")
 
 
 @pytest.mark.parametrize("prune_residual", [False, True])
@@ -299,15 +299,19 @@ def test_no_part_of_a_concat_loses_all_its_channels(monkeypatch):
 @pytest.mark.filterwarnings("ignore:.*closest whole filters get")  # tiny nets: whole filters land ~1% off
 def test_splits_are_cut_with_a_handler_and_left_whole_without(monkeypatch):
     from afie_fast import splits
-    from nets import MixedSplit, MixNetBlock, Res2Net
+    from nets import MixedSplit, MixNetBlock, Res2Net, SKNet
 
-    for make in (MixNetBlock, Res2Net):
+    for make in (SKNet, MixNetBlock, Res2Net):
         torch.manual_seed(0)
         model = randomised(make()).eval()
         report = af.score(model, loader(n_batches=2), progress=False)
         pruned, stats = af.prune(model, report, target=0.5, unit="flops", example_inputs=X, progress=False)
         assert abs(stats.reached - 0.5) <= 0.02 and not any("split" in why for why in stats.skipped.values())
         assert pruned(X).shape == model(X).shape
+        if make is SKNet:  # the attention's (paths, channels) view followed the cut
+            sk = pruned.sk
+            assert sk.in_channels == sum(p[0].in_channels for p in sk.paths) < 16
+            assert sk.fc_select.out_channels == 2 * sk.paths[0][0].out_channels < 24
     # the handlers kept the split sizes in step with the cut layers
     assert pruned.block.width == pruned.block.convs[0].in_channels < 4
     assert {c.out_channels for c in pruned.block.convs} == {pruned.block.width}  # equal parts stay equal

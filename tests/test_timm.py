@@ -15,7 +15,7 @@ import reference
 timm = import_timm()
 
 MODELS = ["dpn68", "ghostnet_100", "rexnet_100", "resnest14d", "dla34", "cspdarknet53", "selecsls42b",
-          "xception41", "regnety_016", "ese_vovnet19b_dw", "mixnet_s", "res2net50_14w_8s"]
+          "xception41", "regnety_016", "ese_vovnet19b_dw", "mixnet_s", "res2net50_14w_8s", "skresnet18"]
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
 
 
@@ -53,7 +53,7 @@ def test_timm_model_reaches_a_flops_target(name):
 # One small member of each family people pick today, as a user prunes it: every argument but
 # the target at its default (README "timm's CNNs at the defaults").
 FAMILIES = ["convnext_atto", "convnextv2_atto", "repvgg_a0", "mobileone_s0", "res2net50_14w_8s", "hrnet_w18_small",
-            "mixnet_s", "resnest14d", "ghostnetv2_100", "tf_efficientnetv2_b0", "repghostnet_050"]
+            "mixnet_s", "skresnet18", "resnest14d", "ghostnetv2_100", "tf_efficientnetv2_b0", "repghostnet_050"]
 
 
 @pytest.mark.slow
@@ -77,11 +77,10 @@ def test_family_reaches_half_the_flops_at_the_defaults(name, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["skresnet18", "edgenext_xx_small"])
-def test_families_whose_splits_are_reshaped_say_why_they_stay_whole(name):
-    # Selective-kernel and split-transpose blocks reshape their split parts into a new axis:
-    # no split handler reaches that, and prune names the cause instead of a wrong cut.
-    model = make(name)
+def test_split_transpose_attention_says_why_it_stays_whole():
+    # EdgeNeXt's split-transpose blocks reshape their channels into attention heads: no
+    # split handler reaches that, and prune names the cause instead of a wrong cut.
+    model = make("edgenext_xx_small")
     report = af.score(model, [X], progress=False)
     with pytest.raises(ValueError, match=r"out of reach.*a channel reshape .* Torch-Pruning cannot map"):
         af.prune(model, report, target=0.5, unit="flops", example_inputs=X[:1], progress=False)
