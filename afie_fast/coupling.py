@@ -237,8 +237,10 @@ def _into_groups(node, shapes: tuple, reduced: set) -> bool:
         if n.type != OPTYPE.ELEMENTWISE or not n.outputs or len(seen) > 32:
             return False
         frontier.extend(n.outputs)
+    if not seen:
+        return False
     node.afie_groups = (shape_out[1], shape_out[2])
-    return bool(seen)
+    return True
 
 
 def _map_split(graph, node) -> None:
