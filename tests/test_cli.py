@@ -65,3 +65,17 @@ def test_help_on_every_command(tmp_path):
     for cmd in ([], ["demo"], ["score"], ["prune"]):
         out = run([*cmd, "--help"], tmp_path)
         assert out.returncode == 0 and "usage: afie-fast" in out.stdout
+
+
+def test_prune_residual_switch(tmp_path):
+    # "auto" (the default) keeps a ResNet's residual streams whole when the target is
+    # reachable without them and says so; "true" cuts them; anything else is refused.
+    assert run(["score", "resnet18_cifar", "--out", "r.json"], tmp_path).returncode == 0
+    args = ["prune", "resnet18_cifar", "--report", "r.json", "--target", "0.3", "--unit", "flops"]
+    out = run([*args, "--out", "a"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "residual stream (the target is reachable without it" in out.stdout
+    out = run([*args, "--out", "b", "--prune-residual", "true"], tmp_path)
+    assert out.returncode == 0 and "residual stream" not in out.stdout
+    out = run([*args, "--out", "c", "--prune-residual", "sometimes"], tmp_path)
+    assert out.returncode != 0 and "invalid choice: 'sometimes'" in out.stderr
