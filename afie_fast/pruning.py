@@ -19,7 +19,7 @@ from .layers import Conv, Layer, layers_of, width
 from .coupling import RESIDUAL, Graph, Unit, build_graph, find_units, is_out_conv
 from .saving import PLAN_FORMAT, PLAN_VERSION, state_dict_metadata
 from .splits import refresh
-from .report import MAX_RATIO, AFIEReport, allocate_ratios, round_counts, text_table
+from .report import DEFAULT_DEGENERATE, DEGENERATE, MAX_RATIO, AFIEReport, allocate_ratios, round_counts, text_table
 from .scoring import l1_scores, scoring_mode
 
 CRITERIA = ("l1", "variance", "independence", "random")
@@ -179,13 +179,15 @@ def _dims(module: nn.Module) -> tuple[int, int | None]:
     return module.num_features, None
 
 
-def _plan(units: list[Unit], report: AFIEReport, filter_target: float, allocation: str, cost: _CostModel) -> _Plan:
+def _plan(units: list[Unit], report: AFIEReport, filter_target: float, allocation: str, cost: _CostModel,
+          degenerate: str = DEFAULT_DEGENERATE) -> _Plan:
     """Whole filters per unit for a fraction of the prunable filters (the paper's allocation)."""
     key = lambda i: f"unit{i}"
     # One ratio per unit: the smallest of its members' is the largest AFIE (DESIGN §2).
     afies = {key(i): (max(report.layers[m[0]].afie for m in u.members), u.width) for i, u in enumerate(units)}
+    flat = [key(i) for i, u in enumerate(units) if _flat(u, report)]
     total = sum(u.width for u in units)
-    ratios = (allocate_ratios(afies, filter_target, _max_target(units)) if allocation == "afie"
+    ratios = (allocate_ratios(afies, filter_target, _max_target(units), flat, degenerate) if allocation == "afie"
               else {k: filter_target for k in afies})  # "uniform": the baseline the paper beats
     caps = {key(i): u.width - u.keep for i, u in enumerate(units)}
     counts = round_counts({k: ratios[k] * w for k, (_, w) in afies.items()}, caps, round(filter_target * total))
@@ -195,11 +197,17 @@ def _plan(units: list[Unit], report: AFIEReport, filter_target: float, allocatio
     return _Plan(counts, filter_target, sum(counts) / total, macs, params)
 
 
-def _max_target(units: list[Unit]) -> float:
+def _flat(unit: Unit, report: AFIEReport) -> bool:
+    """Whether every member of the unit has a one-value spectrum (LayerScore.degenerate)."""
+    return all(report.layers[name].degenerate for name, _, _ in unit.members)
+
+
+def _max_target(units: list[Unit], whole: Sequence[bool] = ()) -> float:
     """The largest fraction of the units' filters the caps allow (0.99, one kept per group
-    and part)."""
+    and part), the ``whole`` ones (by position) cut not at all."""
     total = sum(u.width for u in units)
-    return sum(min(MAX_RATIO * u.width, u.width - u.keep) for u in units) / total
+    whole = list(whole) or [False] * len(units)
+    return sum(0 if w else min(MAX_RATIO * u.width, u.width - u.keep) for u, w in zip(units, whole)) / total
 
 
 def _prunable_share(cost: _CostModel, units: list[Unit]) -> tuple[float, float]:
@@ -224,7 +232,7 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
           example_inputs: torch.Tensor, criterion: str | None = None, prune_residual: bool | str = "auto",
           ignored_layers: Sequence[str | nn.Module] | None = None, seed: int = 0,
           allocation: str = "afie", calibrate: Iterable | None = None,
-          progress: bool = True) -> tuple[nn.Module, PruneStats]:
+          progress: bool = True, degenerate: str = DEFAULT_DEGENERATE) -> tuple[nn.Module, PruneStats]:
     """Remove filters from a copy of ``model`` the paper's way.
 
     How many per layer follows the report's AFIE (λ_l ∝ 1/AFIE_l, capped at 0.99, total
@@ -262,6 +270,10 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
             recovers much of the accuracy lost right after pruning.
         progress: show a tqdm bar (trace, groups read, units cut, check) once the call
             has taken over 2 s, as it can on large graphs.
+        degenerate: what the allocation gives a layer whose spectrum has one value (a
+            weights report's conv with one input channel per group, AFIE 0 by shape alone):
+            "whole" (default: none cut), "uniform" (the target's ratio) or "cap" (the
+            paper's 0.99, which cost 6-7 points of accuracy on real MNIST).
 
     Returns:
         (pruned model, PruneStats). ``afie_fast.save_pruned`` saves the result.
@@ -270,7 +282,8 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
         ValueError: a target out of reach, with the cause (the layers left whole and why)
             and the largest reachable target.
     """
-    criterion = _check_prune_args(model, target, unit, example_inputs, criterion, allocation, prune_residual)
+    criterion = _check_prune_args(model, target, unit, example_inputs, criterion, allocation, prune_residual,
+                                  degenerate)
     convs0 = _check_report(model, report)
     ignored = _ignored_names(ignored_layers, convs0)
     if criterion in ("variance", "independence"):
@@ -279,7 +292,8 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
 
     with _collector_paused(), tqdm(desc="afie_fast prune", unit="step", total=0, delay=PROGRESS_DELAY_S,
                                    disable=not progress, leave=False) as bar:
-        run = _Run(model, report, example_inputs.detach(), ignored, prune_residual, allocation, unit, target, bar)
+        run = _Run(model, report, example_inputs.detach(), ignored, prune_residual, (allocation, degenerate), unit,
+                   target, bar)
         plan, work = run.reach(target, criterion, seed)
         stats = run.stats(plan, target, criterion)
         work.afie_fast_plan = run.saved_plan()
@@ -304,7 +318,7 @@ def _collector_paused():
             gc.enable()
 
 
-def _check_prune_args(model, target, unit, example_inputs, criterion, allocation, prune_residual) -> str:
+def _check_prune_args(model, target, unit, example_inputs, criterion, allocation, prune_residual, degenerate) -> str:
     """prune()'s arguments checked before any work; the criterion, defaulted."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -313,6 +327,8 @@ def _check_prune_args(model, target, unit, example_inputs, criterion, allocation
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if allocation not in ("afie", "uniform"):
         raise ValueError(f"allocation must be 'afie' or 'uniform', got {allocation!r}")
+    if degenerate not in DEGENERATE:
+        raise ValueError(f"degenerate must be one of {DEGENERATE}, got {degenerate!r}")
     if unit not in UNITS:
         raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
     if prune_residual not in (True, False, "auto"):
@@ -347,9 +363,10 @@ class _Run:
     cost model, and after :meth:`apply` the measured result."""
 
     def __init__(self, model: nn.Module, report: AFIEReport, example_inputs: torch.Tensor, ignored: list[str],
-                 prune_residual: bool | str, allocation: str, unit: str, target: float, bar) -> None:
+                 prune_residual: bool | str, allocation: tuple[str, str], unit: str, target: float, bar) -> None:
         self.model, self.report, self.x = model, report, example_inputs
-        self.ignored, self.prune_residual, self.allocation, self.unit = ignored, prune_residual, allocation, unit
+        self.ignored, self.prune_residual, self.unit = ignored, prune_residual, unit
+        self.allocation, self.degenerate = allocation
         self.residual = prune_residual is True  # whether residual streams are cut
         self.joined: dict[str, str] = {}  # residual-stream layers "auto" cut, and why
         self.bar = bar  # tqdm: one step per trace, group read, unit cut and check
@@ -387,7 +404,8 @@ class _Run:
         if self.prune_residual == "auto" and not self.residual:  # kept whole because the target did not need them
             self.skipped = {n: _KEPT if why.startswith(RESIDUAL) else why for n, why in self.skipped.items()}
         self.cost = _CostModel(self.before, self.graph.names, self.units)
-        self.max_target = _max_target(self.units) if self.units else 0.0
+        whole = [self.degenerate == "whole" and _flat(u, self.report) for u in self.units]
+        self.max_target = _max_target(self.units, whole) if self.units else 0.0
 
     def _join_residual_if_needed(self, target: float) -> None:
         """prune_residual="auto": cut the residual streams too when the target is out of
@@ -397,7 +415,7 @@ class _Run:
             return
         most = 0.0
         if self.units:
-            at_caps = _plan(self.units, self.report, self.max_target, self.allocation, self.cost)
+            at_caps = self._plan(self.max_target)
             most = self.max_target if self.unit == "filters" else self.predicted(at_caps)
         if self.units and most >= target - 0.01:
             return
@@ -411,6 +429,9 @@ class _Run:
         """Name the phase on the bar and add its steps to the total."""
         self.bar.total += steps
         self.bar.set_description_str(f"afie_fast prune: {phase}", refresh=False)
+
+    def _plan(self, filter_target: float) -> _Plan:
+        return _plan(self.units, self.report, filter_target, self.allocation, self.cost, self.degenerate)
 
     def predicted(self, plan: _Plan) -> float:
         base = self.before.macs if self.unit == "flops" else self.before.params
@@ -429,7 +450,7 @@ class _Run:
         (bisection: the prediction grows with the fraction)."""
         if fresh:
             self._trace()
-        make = lambda t: _plan(self.units, self.report, t, self.allocation, self.cost)
+        make = self._plan
         if self.unit == "filters":
             return make(goal)
         lo, hi = 0.0, self.max_target

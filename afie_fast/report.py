@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from .layers import KINDS
 
@@ -14,6 +14,13 @@ FORMAT = "afie_fast.report"
 VERSION = 3  # 2: a SHA-256 of the content (version 1 files, without, still load); 3: each layer's kind
 CRITERIA = ("l1", "variance", "independence")
 MAX_RATIO = 0.99  # the paper's cap on a layer's pruning ratio
+# What the allocation gives a layer whose spectrum has one value (a weights report's conv
+# with one input channel per group: the first conv on grey images, a lone depthwise conv),
+# whose AFIE is 0 by shape alone: "cap" (the paper's 0.99), "uniform" (the target's ratio)
+# or "whole" (none). On real MNIST "cap" cost 6-7 points of accuracy and "whole" led
+# "uniform" within a standard deviation (README "Degenerate spectra", benchmarks/degenerate.py).
+DEGENERATE = ("cap", "uniform", "whole")
+DEFAULT_DEGENERATE = "whole"
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,11 @@ class LayerScore:
     shape_baseline: float = 0.0
     kind: str = ""
 
+    @property
+    def degenerate(self) -> bool:
+        """A spectrum of one value for more than one filter: its AFIE (0) says nothing."""
+        return len(self.spectrum) == 1 and self.n_filters > 1
+
 
 class AFIEReport:
     """The result of :func:`afie_fast.score`: an ordered mapping of layer name → LayerScore."""
@@ -77,16 +89,20 @@ class AFIEReport:
         removable = sum(min(MAX_RATIO * ls.n_filters, ls.n_filters - 1) for ls in self)
         return removable / total
 
-    def ratios(self, target: float = 0.5) -> dict[str, float]:
+    def ratios(self, target: float = 0.5, degenerate: str = DEFAULT_DEGENERATE) -> dict[str, float]:
         """Layer pruning ratios λ_l = min(λ_min · AFIE_max / AFIE_l, 0.99), with λ_min solved
         exactly so that Σ λ_l c_l = target · Σ c_l (Lu et al., 2024). Layers with AFIE 0 get
-        0.99. Raises ValueError for a target above :meth:`max_target`."""
-        return allocate_ratios({ls.name: (ls.afie, ls.n_filters) for ls in self}, target, self.max_target())
+        0.99, except those whose spectrum has one value (``LayerScore.degenerate``), which
+        get what ``degenerate`` says (see DEGENERATE). Raises ValueError for a target above
+        what the caps allow."""
+        flat = {ls.name for ls in self if ls.degenerate}
+        return allocate_ratios({ls.name: (ls.afie, ls.n_filters) for ls in self}, target, self.max_target(),
+                               flat, degenerate)
 
-    def counts(self, target: float = 0.5) -> dict[str, int]:
+    def counts(self, target: float = 0.5, degenerate: str = DEFAULT_DEGENERATE) -> dict[str, int]:
         """Whole filters to remove per layer: the ratios turned into counts that sum to
         round(target · Σ c_l) exactly (largest remainder), keeping ≥ 1 filter per layer."""
-        ratios = self.ratios(target)
+        ratios = self.ratios(target, degenerate)
         return round_counts({n: ratios[n] * ls.n_filters for n, ls in self.layers.items()},
                             {n: ls.n_filters - 1 for n, ls in self.layers.items()},
                             round(target * sum(ls.n_filters for ls in self)))
@@ -101,7 +117,12 @@ class AFIEReport:
         head = ("layer", "kind", "filters", "samples", "K", "AFIE", "ln(p)/c", f"ratio@{target:.0%}")
         rows = [(ls.name, ls.kind or "?", str(ls.n_filters), f"{ls.n_samples:,}", f"{ls.entropy:.4f}", f"{ls.afie:.5f}",
                  f"{ls.shape_baseline:.5f}", f"{ratios[ls.name]:.3f}" if ratios else "-") for ls in self]
-        return f"AFIE report ({self.source}, {len(self)} layers)\n" + text_table(head, rows)
+        table = f"AFIE report ({self.source}, {len(self)} layers)\n" + text_table(head, rows)
+        flat = [ls.name for ls in self if ls.degenerate]
+        if flat:
+            table += (f"\none-value spectra (one input channel per group: AFIE 0 by shape alone): {', '.join(flat[:6])}"
+                      f"{' …' if len(flat) > 6 else ''}; left whole (degenerate='{DEFAULT_DEGENERATE}')")
+        return table
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": VERSION, "source": self.source, "meta": self.meta,
@@ -239,13 +260,31 @@ def _layer_from_dict(d: dict[str, Any], version: int) -> LayerScore:
                       filter_scores=scores, n_samples=n, shape_baseline=baseline)
 
 
-def allocate_ratios(afie_and_width: Mapping[str, tuple[float, int]], target: float, max_target: float) -> dict[str, float]:
+def allocate_ratios(afie_and_width: Mapping[str, tuple[float, int]], target: float, max_target: float,
+                    flat: Iterable[str] = (), degenerate: str = "cap") -> dict[str, float]:
     """The paper's allocation, solved exactly (piecewise-linear in λ_min).
 
-    afie_and_width: name → (AFIE_l, c_l). Layers with AFIE 0 sit at the cap.
+    afie_and_width: name → (AFIE_l, c_l). Layers with AFIE 0 sit at the cap, except the
+    ``flat`` ones (a one-value spectrum) under ``degenerate`` "uniform" (the target's
+    ratio; the rest solved at the same target) or "whole" (0; the rest take their share).
     """
     if not isinstance(target, (int, float)) or not 0.0 <= target <= 1.0 or math.isnan(target):
         raise ValueError(f"target must be a fraction in [0, 1], got {target!r}")
+    if degenerate not in DEGENERATE:
+        raise ValueError(f"degenerate must be one of {DEGENERATE}, got {degenerate!r}")
+    flat = [n for n in flat if n in afie_and_width]
+    rest = {n: v for n, v in afie_and_width.items() if n not in flat}
+    if flat and rest and degenerate != "cap":
+        total, share = (sum(c for _, c in m.values()) for m in (afie_and_width, rest))
+        goal = target if degenerate == "uniform" else target * total / share
+        most = sum(min(MAX_RATIO * c, c - 1) for _, c in rest.values()) / share
+        if goal > most + 1e-12:
+            most = most if degenerate == "uniform" else most * share / total
+            raise ValueError(f"target {target} is infeasible: the largest feasible target is {most:.4f} (each layer "
+                             f"capped at {MAX_RATIO}, one filter kept; one-value spectra {degenerate!r})")
+        ratios = allocate_ratios(rest, goal, most)
+        fixed = target if degenerate == "uniform" else 0.0
+        return {n: ratios.get(n, fixed) for n in afie_and_width}
     if target > max_target + 1e-12:
         raise ValueError(f"target {target} is infeasible: the largest feasible target is {max_target:.4f} "
                          f"(each layer capped at {MAX_RATIO} and keeping at least one filter)")

@@ -103,3 +103,41 @@ def test_summary_lists_every_layer(report):
 def test_plot_writes_png(report, tmp_path):
     path = report.plot(tmp_path / "afie.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_one_value_spectra_get_the_policy_asked(gen):
+    # A weights report's conv on one input channel has one singular value: AFIE 0 by shape
+    # alone. The paper's allocation would cap it at 0.99 (63 of alexnet_mnist's 64 filters).
+    from afie_fast.models import digits_cnn
+
+    torch.manual_seed(0)
+    rep = af.score(digits_cnn(), progress=False)
+    assert [ls.degenerate for ls in rep] == [True, False, False, False]
+    widths = {n: ls.n_filters for n, ls in rep.layers.items()}
+    total = sum(widths.values())
+    for target in (0.3, 0.5):
+        cap, uniform, whole = (rep.counts(target, degenerate=p) for p in ("cap", "uniform", "whole"))
+        assert cap["0"] == 31 and whole["0"] == 0 and abs(uniform["0"] - target * 32) <= 1
+        for counts in (cap, uniform, whole):
+            assert sum(counts.values()) == round(target * total)
+        ratios = rep.ratios(target)  # the default: left whole, the rest take its share as the paper solves them
+        assert ratios["0"] == 0 and sum(ratios[n] * widths[n] for n in ratios) == pytest.approx(target * total)
+        assert rep.ratios(target, degenerate="uniform")["0"] == target
+    assert "one-value spectra" in rep.summary() and "left whole (degenerate='whole')" in rep.summary()
+    with pytest.raises(ValueError, match=r"largest feasible target is 0\.8\d+ .*'whole'"):
+        rep.ratios(0.95, degenerate="whole")
+    with pytest.raises(ValueError, match="degenerate must be one of"):
+        rep.ratios(0.5, degenerate="ignore")
+
+
+def test_prune_gives_one_value_spectra_the_policy_asked():
+    from afie_fast.models import digits_cnn
+
+    torch.manual_seed(0)
+    model = digits_cnn().eval()
+    rep, x = af.score(model, progress=False), torch.zeros(1, 1, 8, 8)
+    kept = {p: af.prune(model, rep, target=0.3, example_inputs=x, degenerate=p, progress=False)[1].kept["0"]
+            for p in ("cap", "uniform", "whole")}
+    assert kept == {"cap": (32, 1), "uniform": (32, 22), "whole": (32, 32)}
+    with pytest.raises(ValueError, match="degenerate must be one of"):
+        af.prune(model, rep, target=0.3, example_inputs=x, degenerate="nope")
