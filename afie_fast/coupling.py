@@ -261,7 +261,7 @@ def _map_split(graph, node) -> None:
         for dep in out.dependencies:
             if dep.target is node:
                 dep.index_mapping[0] = mappings._SplitIndexMapping(offsets[k:k + 2], reverse=True)
-        if out.type == OPTYPE.CONCAT and graph is not None:
+        if out.type == OPTYPE.CONCAT:
             out.module.concat_sizes = None  # its widths are inferred anew, this part's from sizes[k]
             mappings.update_concat_index_mapping(graph, out)
 

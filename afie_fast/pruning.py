@@ -292,8 +292,8 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
 
     with _collector_paused(), tqdm(desc="afie_fast prune", unit="step", total=0, delay=PROGRESS_DELAY_S,
                                    disable=not progress, leave=False) as bar:
-        run = _Run(model, report, example_inputs.detach(), ignored, prune_residual, (allocation, degenerate), unit,
-                   target, bar)
+        run = _Run(model, report, example_inputs.detach(), ignored, prune_residual, allocation, unit, target, bar,
+                   degenerate)
         plan, work = run.reach(target, criterion, seed)
         stats = run.stats(plan, target, criterion)
         work.afie_fast_plan = run.saved_plan()
@@ -363,10 +363,11 @@ class _Run:
     cost model, and after :meth:`apply` the measured result."""
 
     def __init__(self, model: nn.Module, report: AFIEReport, example_inputs: torch.Tensor, ignored: list[str],
-                 prune_residual: bool | str, allocation: tuple[str, str], unit: str, target: float, bar) -> None:
+                 prune_residual: bool | str, allocation: str, unit: str, target: float, bar,
+                 degenerate: str = DEFAULT_DEGENERATE) -> None:
         self.model, self.report, self.x = model, report, example_inputs
         self.ignored, self.prune_residual, self.unit = ignored, prune_residual, unit
-        self.allocation, self.degenerate = allocation
+        self.allocation, self.degenerate = allocation, degenerate
         self.residual = prune_residual is True  # whether residual streams are cut
         self.joined: dict[str, str] = {}  # residual-stream layers "auto" cut, and why
         self.bar = bar  # tqdm: one step per trace, group read, unit cut and check

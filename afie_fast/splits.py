@@ -16,6 +16,7 @@ Register one for your own module with :func:`register_split`.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -59,15 +60,18 @@ def register_split(module_type: type | str, sizes: Sizes, update: Update, equal:
     if not callable(sizes) or not callable(update):
         raise TypeError("sizes and update must be callables: sizes(module) -> list[int], update(module, sizes)")
     _HANDLERS[module_type if isinstance(module_type, str) else _key(module_type)] = SplitHandler(sizes, update, equal)
+    _handler_for_type.cache_clear()
 
 
 def handler_for(module: nn.Module) -> SplitHandler | None:
     """The handler registered for the module's type or one of its bases, if any."""
-    for cls in type(module).__mro__:
-        handler = _HANDLERS.get(_key(cls))
-        if handler is not None:
-            return handler
-    return None
+    return _handler_for_type(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _handler_for_type(cls: type) -> SplitHandler | None:
+    # Cached: the trace asks for every module call; register_split clears it.
+    return next((_HANDLERS[_key(c)] for c in cls.__mro__ if _key(c) in _HANDLERS), None)
 
 
 def refresh(model: nn.Module) -> None:

@@ -297,7 +297,7 @@ def test_no_part_of_a_concat_loses_all_its_channels(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:.*closest whole filters get")  # tiny nets: whole filters land ~1% off
-def test_splits_are_cut_with_a_handler_and_left_whole_without(monkeypatch):
+def test_splits_are_cut_with_a_handler_and_left_whole_without(monkeypatch, request):
     from afie_fast import splits
     from nets import MixedSplit, MixNetBlock, Res2Net, SKNet
 
@@ -318,6 +318,8 @@ def test_splits_are_cut_with_a_handler_and_left_whole_without(monkeypatch):
     assert pruned.block.conv1.out_channels == 4 * pruned.block.width
     # without one, the module stays whole and prune says how to teach it
     monkeypatch.delitem(splits._HANDLERS, splits._key(MixedSplit))
+    splits._handler_for_type.cache_clear()
+    request.addfinalizer(splits._handler_for_type.cache_clear)  # runs before monkeypatch restores the handler
     model = randomised(MixNetBlock()).eval()
     report = af.score(model, loader(n_batches=2), progress=False)
     with pytest.raises(ValueError, match=r"nothing to prune.*split .*register_split teaches prune"):
