@@ -17,7 +17,7 @@ from .copying import copy_model
 from .counting import Counting, Measured
 from .layers import Conv, Layer, layers_of, width
 from .coupling import RESIDUAL, Graph, Unit, build_graph, find_units, is_out_conv
-from .saving import PLAN_FORMAT, PLAN_VERSION, state_dict_metadata
+from .saving import pruning_plan
 from .splits import refresh
 from .report import DEFAULT_DEGENERATE, DEGENERATE, MAX_RATIO, AFIEReport, allocate_ratios, round_counts, text_table
 from .scoring import l1_scores, scoring_mode
@@ -512,15 +512,7 @@ class _Run:
 
     def saved_plan(self) -> dict[str, Any]:
         """What save_pruned stores: the history that load_pruned replays, and the widths."""
-        widths = {n: width(m) for n, m in layers_of(self.model).items()}
-        return {
-            "format": PLAN_FORMAT, "version": PLAN_VERSION, "model": type(self.model).__name__,
-            "input_shape": list(self.x.shape), "input_dtype": str(self.x.dtype).replace("torch.", ""),
-            "layers": {n: [widths[n], width(m)] for n, m in self.layers.items()},
-            "history": [[name, bool(out), [int(i) for i in idxs]]
-                        for name, out, idxs in self.graph.dg.pruning_history()],
-            "state_dict_metadata": state_dict_metadata(self.work),
-        }
+        return pruning_plan(self.model, self.work, self.x, self.graph.dg.pruning_history())
 
 
 def _ignored_names(ignored_layers, convs: dict[str, Layer]) -> list[str]:

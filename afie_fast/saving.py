@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections import OrderedDict
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +28,23 @@ def state_dict_metadata(model: nn.Module) -> dict[str, dict]:
     return {k: {kk: vv for kk, vv in v.items() if isinstance(vv, (int, str, float, bool))} for k, v in meta.items()}
 
 
+def pruning_plan(original: nn.Module, pruned: nn.Module, example_inputs: torch.Tensor,
+                 history: list) -> dict[str, Any]:
+    """The plan :func:`save_pruned` stores for ``pruned``: ``original`` cut by ``history``
+    (Torch-Pruning's ``DependencyGraph.pruning_history()``: (layer, outputs?, indices)),
+    which :func:`load_pruned` replays on a fresh instance. :func:`prune` attaches it to the
+    models it returns; set it as ``pruned.afie_fast_plan`` to save a model cut by
+    Torch-Pruning's own pruners on a copy of ``original``."""
+    before = {n: width(m) for n, m in layers_of(original).items()}
+    return {
+        "format": PLAN_FORMAT, "version": PLAN_VERSION, "model": type(original).__name__,
+        "input_shape": list(example_inputs.shape), "input_dtype": str(example_inputs.dtype).replace("torch.", ""),
+        "layers": {n: [before[n], width(m)] for n, m in layers_of(pruned).items()},
+        "history": [[name, bool(out), [int(i) for i in idxs]] for name, out, idxs in history],
+        "state_dict_metadata": state_dict_metadata(pruned),
+    }
+
+
 def save_pruned(pruned: nn.Module, path: str | Path) -> Path:
     """Save a model returned by :func:`prune` without pickle: one safetensors file holding
     the weights and, in its metadata, the pruning plan (kept filters per layer, as JSON)
@@ -39,7 +57,8 @@ def save_pruned(pruned: nn.Module, path: str | Path) -> Path:
         raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
     plan = getattr(pruned, "afie_fast_plan", None)
     if plan is None:
-        raise ValueError("save_pruned takes a model returned by afie_fast.prune (it carries the pruning plan)")
+        raise ValueError("save_pruned takes a model returned by afie_fast.prune (it carries the pruning plan); for "
+                         "one cut by Torch-Pruning directly, set its afie_fast_plan with afie_fast.saving.pruning_plan")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in pruned.state_dict().items()}

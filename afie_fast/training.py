@@ -57,13 +57,15 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 2e-3, p
 
 
 @torch.inference_mode()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Top-1 accuracy of an eval-mode forward."""
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None) -> float:
+    """Top-1 accuracy of an eval-mode forward, ``batch_size`` images at a time (all at once
+    by default; a 10,000-image forward of a CNN can need more memory than a machine has)."""
     was = model.training
     model.eval()
-    acc = (model(x).argmax(1) == y).float().mean().item()
+    step = batch_size or len(x)
+    correct = sum(int((model(xs).argmax(1) == ys).sum()) for xs, ys in zip(x.split(step), y.split(step)))
     model.train(was)
-    return acc
+    return correct / len(y)
 
 
 @torch.inference_mode()

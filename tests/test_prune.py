@@ -134,6 +134,26 @@ def test_save_load_round_trip_no_pickle(tmp_path):
         af.save_pruned(model, tmp_path / "x.safetensors")
 
 
+def test_a_model_cut_by_torch_pruning_itself_saves_and_loads(tmp_path):
+    """pruning_plan makes a plan for a model Torch-Pruning's own MetaPruner cut (the
+    benchmarks save their Torch-Pruning baselines so), and load_pruned replays it."""
+    from afie_fast.saving import pruning_plan
+
+    torch.manual_seed(0)
+    model = randomised(ARCHS["resnet_basic"]()).eval()
+    work = randomised(ARCHS["resnet_basic"]()).eval()
+    work.load_state_dict(model.state_dict())
+    linears = [m for m in work.modules() if isinstance(m, nn.Linear)]
+    pruner = tp.pruner.MetaPruner(work, X, tp.importance.MagnitudeImportance(), pruning_ratio=0.4,
+                                  ignored_layers=linears)
+    pruner.step()
+    assert sum(p.numel() for p in work.parameters()) < sum(p.numel() for p in model.parameters())
+    work.afie_fast_plan = pruning_plan(model, work, X, pruner.DG.pruning_history())
+    path = af.save_pruned(work, tmp_path / "tp.safetensors")
+    loaded = af.load_pruned(randomised(ARCHS["resnet_basic"](), seed=3), path)
+    assert torch.equal(loaded.eval()(X), work(X))
+
+
 def test_export_and_trace():
     model, report = scored("concat")
     pruned, _ = af.prune(model, report, target=0.5, example_inputs=X)
