@@ -268,50 +268,61 @@ def allocate_ratios(afie_and_width: Mapping[str, tuple[float, int]], target: flo
     ``flat`` ones (a one-value spectrum) under ``degenerate`` "uniform" (the target's
     ratio; the rest solved at the same target) or "whole" (0; the rest take their share).
     """
+    _check_allocation(target, degenerate)
+    flat = [n for n in flat if n in afie_and_width]
+    if flat and len(flat) < len(afie_and_width) and degenerate != "cap":
+        return _around_flat(afie_and_width, target, flat, degenerate)
+    if target > max_target + 1e-12:
+        raise ValueError(f"target {target} is infeasible: the largest feasible target is {max_target:.4f} "
+                         f"(each layer capped at {MAX_RATIO} and keeping at least one filter)")
+    a_max = max(a for a, _ in afie_and_width.values())
+    rel = {n: (a_max / a, c) for n, (a, c) in afie_and_width.items() if a > 0}  # r_l = AFIE_max / AFIE_l
+    at_cap = MAX_RATIO if target > 0 else 0.0  # AFIE 0: the cap
+    if not rel or target == 0:
+        return {n: 0.0 if n in rel else at_cap for n in afie_and_width}
+    total = sum(c for _, c in afie_and_width.values())
+    need = target * total - MAX_RATIO * (total - sum(c for _, c in rel.values()))
+    lam = _lambda_min(list(rel.values()), need)
+    return {n: min(lam * rel[n][0], MAX_RATIO) if n in rel else at_cap for n in afie_and_width}
+
+
+def _check_allocation(target: Any, degenerate: Any) -> None:
     if not isinstance(target, (int, float)) or not 0.0 <= target <= 1.0 or math.isnan(target):
         raise ValueError(f"target must be a fraction in [0, 1], got {target!r}")
     if degenerate not in DEGENERATE:
         raise ValueError(f"degenerate must be one of {DEGENERATE}, got {degenerate!r}")
-    flat = [n for n in flat if n in afie_and_width]
-    rest = {n: v for n, v in afie_and_width.items() if n not in flat}
-    if flat and rest and degenerate != "cap":
-        total, share = (sum(c for _, c in m.values()) for m in (afie_and_width, rest))
-        goal = target if degenerate == "uniform" else target * total / share
-        most = sum(min(MAX_RATIO * c, c - 1) for _, c in rest.values()) / share
-        if goal > most + 1e-12:
-            most = most if degenerate == "uniform" else most * share / total
-            raise ValueError(f"target {target} is infeasible: the largest feasible target is {most:.4f} (each layer "
-                             f"capped at {MAX_RATIO}, one filter kept; one-value spectra {degenerate!r})")
-        ratios = allocate_ratios(rest, goal, most)
-        fixed = target if degenerate == "uniform" else 0.0
-        return {n: ratios.get(n, fixed) for n in afie_and_width}
-    if target > max_target + 1e-12:
-        raise ValueError(f"target {target} is infeasible: the largest feasible target is {max_target:.4f} "
-                         f"(each layer capped at {MAX_RATIO} and keeping at least one filter)")
-    total = sum(c for _, c in afie_and_width.values())
-    a_max = max(a for a, _ in afie_and_width.values())
-    fixed = {n for n, (a, _) in afie_and_width.items() if a <= 0}
-    if a_max <= 0 or target == 0:
-        return {n: (MAX_RATIO if n in fixed and target > 0 else 0.0) for n in afie_and_width}
-    # r_l = AFIE_max / AFIE_l; raising λ_min caps the largest r_l first.
-    rel = sorted(((a_max / a, c, n) for n, (a, c) in afie_and_width.items() if n not in fixed), reverse=True)
-    need = target * total - MAX_RATIO * sum(afie_and_width[n][1] for n in fixed)
-    lam = 0.0
-    capped_width = 0.0
-    free = sum(r * c for r, c, _ in rel)  # Σ r_l c_l over uncapped layers
-    for k in range(len(rel) + 1):
+
+
+def _lambda_min(rel: list[tuple[float, int]], need: float) -> float:
+    """λ_min with Σ_l min(λ·r_l, MAX_RATIO)·c_l = need, for (r_l, c_l) pairs: raising λ caps
+    the largest r_l first, so cap layers in that order until the rest solve it linearly."""
+    rel = sorted(rel, reverse=True)
+    capped, free, lam = 0.0, sum(r * c for r, c in rel), 0.0  # free: Σ r_l c_l over uncapped layers
+    for r, c in rel:
         if free > 0:
-            lam = max(need - MAX_RATIO * capped_width, 0.0) / free
-            if k == len(rel) or lam * rel[k][0] <= MAX_RATIO:
-                break
-        if k == len(rel):
-            break
-        capped_width += rel[k][1]
-        free -= rel[k][0] * rel[k][1]
-    out = {n: MAX_RATIO for n in fixed}
-    for r, _, n in rel:
-        out[n] = min(lam * r, MAX_RATIO)
-    return {n: out[n] for n in afie_and_width}
+            lam = max(need - MAX_RATIO * capped, 0.0) / free
+            if lam * r <= MAX_RATIO:
+                return lam
+        capped += c
+        free -= r * c
+    return max(need - MAX_RATIO * capped, 0.0) / free if free > 0 else lam
+
+
+def _around_flat(afie_and_width: Mapping[str, tuple[float, int]], target: float, flat: list[str],
+                 degenerate: str) -> dict[str, float]:
+    """The allocation with one-value spectra given the target's ratio ("uniform") or left
+    whole ("whole", the other layers taking their share so that the total is the target)."""
+    rest = {n: v for n, v in afie_and_width.items() if n not in flat}
+    total, share = (sum(c for _, c in m.values()) for m in (afie_and_width, rest))
+    goal = target if degenerate == "uniform" else target * total / share
+    most = sum(min(MAX_RATIO * c, c - 1) for _, c in rest.values()) / share
+    if goal > most + 1e-12:
+        most = most if degenerate == "uniform" else most * share / total
+        raise ValueError(f"target {target} is infeasible: the largest feasible target is {most:.4f} (each layer "
+                         f"capped at {MAX_RATIO}, one filter kept; one-value spectra {degenerate!r})")
+    ratios = allocate_ratios(rest, goal, most)
+    fixed = target if degenerate == "uniform" else 0.0
+    return {n: ratios.get(n, fixed) for n in afie_and_width}
 
 
 def round_counts(ideal: Mapping[str, float], caps: Mapping[str, int], total: int) -> dict[str, int]:
