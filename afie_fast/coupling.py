@@ -27,6 +27,9 @@ OPTYPE = tp.ops.OPTYPE
 # torch functions whose output shape decides whether channels keep their meaning.
 _SHAPE_FUNCS = {"view", "reshape", "flatten", "unflatten", "split", "chunk", "split_with_sizes", "unbind",
                 "__getitem__", "narrow", "tensor_split", "unsafe_split", "_reshape_alias"}
+# Ops that only move elements, replayed on channel indices to follow a chain of them.
+_LAYOUT_FUNCS = {"view", "reshape", "flatten", "unflatten", "transpose", "permute", "swapaxes", "swapdims", "movedim",
+                 "contiguous", "squeeze", "unsqueeze", "_reshape_alias"}
 
 
 @dataclass
@@ -68,6 +71,8 @@ class _ShapeRecorder(TorchFunctionMode):
         self.shapes: dict[Any, tuple[tuple[int, ...], tuple[int, ...], str]] = {}
         self.owners: dict[Any, nn.Module] = {}  # grad_fn of a split → the innermost module with a split handler
         self.reduced: set = set()  # grad_fns of reductions over dim 1 of a 5-D or wider tensor
+        self.io: dict[Any, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # grad_fn → shapes of every op's first input and output
+        self.layout: dict[Any, tuple[Callable, tuple, dict]] = {}  # grad_fn → a layout op, to replay on channel indices
         self.handled: list[nn.Module] = []  # the stack of such modules whose forward is running
 
     @contextlib.contextmanager
@@ -96,6 +101,10 @@ class _ShapeRecorder(TorchFunctionMode):
             dim = (kwargs or {}).get("dim", args[1] if len(args) > 1 else None)
             if dim in (1, (1,), [1]) and isinstance(out, torch.Tensor) and out.grad_fn is not None:
                 self.reduced.add(out.grad_fn)
+        if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            self.io.setdefault(out.grad_fn, (tuple(args[0].shape), tuple(out.shape)))
+            if name in _LAYOUT_FUNCS:
+                self.layout.setdefault(out.grad_fn, (func, args[1:], dict(kwargs or {})))
         if name in _SHAPE_FUNCS and args and isinstance(args[0], torch.Tensor):
             outs = out if isinstance(out, (tuple, list)) else (out,)
             for o in outs:
@@ -243,6 +252,51 @@ def _into_groups(node, shapes: tuple, reduced: set) -> bool:
     return True
 
 
+def _channel_chain(start, recorder: _ShapeRecorder) -> tuple[list, list[int]] | None:
+    """For a reshape that moves the channels off dim 1 (ResNeSt's radix softmax: a view to
+    (cardinality, radix, C), a transpose, a softmax, a view back), the nodes up to the
+    reshape that brings them back to (N, channels, …) and which input channel each output
+    channel is (perm[p]), found by replaying the layout ops on channel indices. None when
+    the chain branches, changes the width or mixes channels with other axes."""
+    shape_in = recorder.io.get(start.grad_fn, ((),))[0]
+    if len(shape_in) < 2:
+        return None
+    width = shape_in[1]
+    idx = torch.arange(width, dtype=torch.float64).view(1, width, *[1] * (len(shape_in) - 2)).expand(shape_in).clone()
+    chain, node = [], start
+    while len(chain) < 16:
+        chain.append(node)
+        if node.grad_fn in recorder.layout:
+            func, args, kwargs = recorder.layout[node.grad_fn]
+            try:
+                idx = func(idx, *args, **kwargs)
+            except (RuntimeError, TypeError, ValueError):  # it did not act on this tensor alone
+                return None
+        elif node.grad_fn in recorder.io and len(set(recorder.io[node.grad_fn])) != 1:
+            return None  # an op that changes the shape and is not a layout op
+        # (a node neither recorded is inside a recorded op: the copy a reshape makes)
+        if node is not start and node.type == OPTYPE.RESHAPE and idx.dim() >= 2 and idx.shape[:2] == shape_in[:2]:
+            flat = idx.transpose(0, 1).reshape(width, -1)
+            if bool((flat == flat[:, :1]).all()):
+                perm = flat[:, 0].long().tolist()
+                return (chain, perm) if sorted(perm) == list(range(width)) else None
+        if len(node.outputs) != 1:
+            return None
+        node = node.outputs[0]
+        if len(node.inputs) != 1 or node.type not in (OPTYPE.RESHAPE, OPTYPE.ELEMENTWISE):
+            return None
+    return None
+
+
+def _map_identity(node) -> None:
+    """A node of a chain that leaves every channel in place (see _channel_chain): what
+    Torch-Pruning read as a flatten to or from it maps channels one to one."""
+    flatten = tp.dependency.index_mapping._FlattenIndexMapping
+    deps = [*node.dependencies, *(d for n in [*node.inputs, *node.outputs] for d in n.dependencies if d.target is node)]
+    for dep in deps:
+        dep.index_mapping = [None if isinstance(m, flatten) else m for m in dep.index_mapping]
+
+
 def _map_split(graph, node) -> None:
     """Index mapping of a split whose sizes a handler reads from its module (afie_fast.splits):
     each output sees its part's channels, at the module's current sizes."""
@@ -306,6 +360,9 @@ def _index_mapping(failed: list, nodes: list | None = None):
                     return
                 if hasattr(node, "afie_groups"):  # a reshape into groups that are reduced
                     _map_groups(graph, node)
+                    return
+                if hasattr(node, "afie_identity"):  # a layout chain that leaves the channels in place
+                    _map_identity(node)
                     return
                 update(graph, node)
                 for split in node.inputs if node.type == OPTYPE.CONCAT else ():
@@ -426,29 +483,26 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> Graph:
     with _index_mapping(failed):
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, forward_fn=forward,
                                                    verbose=False)
-    opaque: dict[Any, str] = {n: f"a channel {_KIND.get(n.type, 'coupling')} Torch-Pruning cannot map" for n in failed}
+    chained = _layout_chains(dg, recorder)
+    opaque: dict[Any, str] = {n: f"a channel {_KIND.get(n.type, 'coupling')} Torch-Pruning cannot map"
+                              for n in failed if n not in chained}
+    opaque.update((n, why) for n, why in chained.items() if why)
     handled, grouped = [], []
     for node in dg.module2node.values():
-        seen = recorder.shapes.get(node.grad_fn)
-        if node.type == OPTYPE.RESHAPE:
-            # Views inside other ops (F.linear on a 4-D input) are not seen: they keep the last dim.
-            if seen is not None and not _keeps_channels(seen[0], seen[1]):
-                if _into_groups(node, seen, recorder.reduced):
-                    grouped.append(node)
-                else:
-                    opaque.setdefault(node, "a channel reshape (e.g. a channel shuffle) Torch-Pruning cannot map")
-        elif node.type in (OPTYPE.SPLIT, OPTYPE.SLICE, OPTYPE.UNBIND):
-            # Split sizes and slice bounds are constants of the forward code: cutting the
-            # channels they divide breaks them (or silently moves channels across parts),
-            # unless a handler knows where the module keeps them (afie_fast.splits).
-            (shape_in, shape_out, _) = seen if seen is not None else ((), (), "")
-            if len(shape_in) < 2 or len(shape_out) < 2 or shape_out[1] != shape_in[1]:
-                if _handled_split(node, recorder.owners.get(node.grad_fn), shape_in):
-                    handled.append(node)
-                else:
-                    opaque.setdefault(node, "a channel split or slice fixed in the model's forward code "
-                                            "(afie_fast.register_split teaches prune where its sizes live)")
+        kind = _channel_change(node, recorder)
+        if kind == "groups":
+            grouped.append(node)
+        elif kind == "split":
+            handled.append(node)
+        elif kind == "identity":
+            opaque.pop(node, None)
+            chained.setdefault(node, "")
+        elif kind is not None:
+            opaque.setdefault(node, kind)
     with _index_mapping(failed):
+        for node in chained:
+            if hasattr(node, "afie_identity"):
+                _map_identity(node)
         for node in handled:
             _map_split(dg, node)
         for node in grouped:
@@ -465,6 +519,62 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> Graph:
                 if dep.target is node:
                     dep.index_mapping = [None, None]
     return Graph(dg, opaque)
+
+
+def _layout_chains(dg: tp.DependencyGraph, recorder: _ShapeRecorder) -> dict[Any, str]:
+    """The nodes of layout chains that move the channels off dim 1 and back (see
+    _channel_chain), each with "" where the chain leaves every channel in place (mapped one
+    to one: ResNeSt's radix softmax at cardinality 1) or why it cannot be cut."""
+    found: dict[Any, str] = {}
+    for node in dg.module2node.values():
+        seen = recorder.shapes.get(node.grad_fn)
+        if node.type != OPTYPE.RESHAPE or node in found or seen is None or _keeps_channels(seen[0], seen[1]):
+            continue
+        chain = _channel_chain(node, recorder)
+        if chain is None:
+            continue
+        nodes, perm = chain
+        why = "" if perm == sorted(perm) else ("a channel permutation (a view, a transpose and a view back, as "
+                                               "ResNeSt's radix softmax at cardinality > 1) Torch-Pruning cannot map")
+        for n in nodes:
+            found[n] = why
+            n.afie_chain = True
+            if not why:
+                n.afie_identity = True
+    return found
+
+
+def _channel_change(node, recorder: _ShapeRecorder) -> str | None:
+    """What a traced reshape or split does to the channels: None (nothing, or not such a
+    node), "identity" (a reshape of the dims after the channels), "groups" (a reshape into
+    groups, mapped), "split" (a split a handler knows), or why Torch-Pruning cannot map it."""
+    seen = recorder.shapes.get(node.grad_fn)
+    if hasattr(node, "afie_chain"):  # see _layout_chains
+        return None
+    if node.type == OPTYPE.RESHAPE:
+        # Views inside other ops (F.linear on a 4-D input) are not seen: they keep the last dim.
+        if seen is not None and len(seen[0]) >= 2 and seen[0][:2] == seen[1][:2]:
+            # (N, C, …) → (N, C, …'): channel c stays c, whatever widths Torch-Pruning infers
+            # around it (before a reshape into groups it read (N, G·C) → (N, G·C, 1, 1) as a flatten)
+            node.afie_identity = True
+            return "identity"
+        if seen is None or _keeps_channels(seen[0], seen[1]):
+            return None
+        if _into_groups(node, seen, recorder.reduced):
+            return "groups"
+        return "a channel reshape (e.g. a channel shuffle) Torch-Pruning cannot map"
+    if node.type in (OPTYPE.SPLIT, OPTYPE.SLICE, OPTYPE.UNBIND):
+        # Split sizes and slice bounds are constants of the forward code: cutting the
+        # channels they divide breaks them (or silently moves channels across parts),
+        # unless a handler knows where the module keeps them (afie_fast.splits).
+        (shape_in, shape_out, _) = seen if seen is not None else ((), (), "")
+        if len(shape_in) >= 2 and len(shape_out) >= 2 and shape_out[1] == shape_in[1]:
+            return None
+        if _handled_split(node, recorder.owners.get(node.grad_fn), shape_in):
+            return "split"
+        return ("a channel split or slice fixed in the model's forward code "
+                "(afie_fast.register_split teaches prune where its sizes live)")
+    return None
 
 
 def _handled_split(node, owner: nn.Module | None, shape_in: tuple[int, ...]) -> bool:
@@ -532,28 +642,42 @@ def find_units(graph: Graph, groups: list, layers: Iterable[str], prune_residual
             if names[root] in layers:
                 skipped[names[root]] = reason
             continue
-        # A Linear's outputs are filters only when the report scored it (score(linear=True));
-        # otherwise it is cut along like any coupled layer (an SE block's excitation).
-        members = [(names[item.dep.target.module], list(item.idxs), list(item.root_idxs))
-                   for item in group if is_out_conv(dg, item.dep)
-                   and (isinstance(item.dep.target.module, Conv) or names[item.dep.target.module] in layers)]
+        members = _members(graph, group, layers)
         if not members:
             continue
+        if reason == _TIED:  # a cause found on the way (an opaque node: the ties' origin) says more
+            reason = _why_whole(graph, group, members, layers, prune_residual) or _TIED
         reason = reason or _why_whole(graph, group, members, layers, prune_residual)
+        g = 0
+        if reason is None:
+            g, reason = _mirrored(group, mirrors)
         if reason is not None:
             skipped.update((m[0], reason) for m in members if m[0] in layers)
             continue
-        g = max(_channel_groups(item.dep.target.module) for item in group)
-        parts = _equal_parts(group)
-        if mirrors > 1 and g > 1 or parts is None or parts > 1 and g not in (1, parts):
-            why = _TIED if parts is not None else _UNEQUAL
-            skipped.update((m[0], why) for m in members if m[0] in layers)
-            continue
-        # tied copies and a split's equal parts are cut like the groups of a grouped conv: mirrored
-        g = max(g, mirrors, parts)
         units.append(Unit(group[0].dep.target.module, group[0].dep.handler, members, len(group[0].idxs), g,
                           _touched(dg, group), group, _fixed_mapping(group), _parts(group)))
     return units, skipped
+
+
+def _members(graph: Graph, group, layers: set[str]) -> list[tuple[str, list[int], list[int]]]:
+    """The group's filters: (layer, indices, root indices) of each layer cut on its outputs.
+    A Linear's outputs are filters only when the report scored it (score(linear=True));
+    otherwise it is cut along like any coupled layer (an SE block's excitation)."""
+    names = graph.names
+    return [(names[item.dep.target.module], list(item.idxs), list(item.root_idxs))
+            for item in group if is_out_conv(graph.dg, item.dep)
+            and (isinstance(item.dep.target.module, Conv) or names[item.dep.target.module] in layers)]
+
+
+def _mirrored(group, mirrors: int) -> tuple[int, str | None]:
+    """In how many mirrored copies the group is cut (a grouped conv's groups, tied copies,
+    a split's equal parts: each loses the same positions), or why it cannot be."""
+    g = max(_channel_groups(item.dep.target.module) for item in group)
+    parts = _equal_parts(group)
+    # G mirrored copies and G channel groups are one layout (ResNeSt's radix convs: copy r is group r)
+    if mirrors > 1 and g not in (1, mirrors) or parts is None or parts > 1 and g not in (1, parts):
+        return 0, _TIED if parts is not None else _UNEQUAL
+    return max(g, mirrors, parts), None
 
 
 _UNEQUAL = ("a split into equal parts (Res2Net's width) whose parts do not line up with the coupled channels: a "
@@ -631,12 +755,15 @@ def _grouped_transposed(nodes: list) -> str | None:
 
 def _misaligned_groups(group) -> str | None:
     """Mirrored cuts index channels by their position in the root's group layout: a grouped
-    conv's groups must line up with the root's channels."""
+    conv's groups must line up with the root's channels (channel i of the conv at the
+    position within its group of root channel r: one to one, or a mirrored copy as in
+    ResNeSt, whose radix copy k is group k of its conv)."""
     g = max(_channel_groups(item.dep.target.module) for item in group)
     if g == 1:
         return None
-    identity = all(list(item.idxs) == list(item.root_idxs) for item in group
-                   if _channel_groups(item.dep.target.module) > 1)
-    if len(group[0].idxs) % g or not identity:
+    size = len(group[0].idxs) // g
+    aligned = all(i % size == r % size for item in group if _channel_groups(item.dep.target.module) > 1
+                  for i, r in zip(item.idxs, item.root_idxs))
+    if len(group[0].idxs) % g or not aligned:
         return "a grouped conv whose groups do not align with the coupled channels"
     return None

@@ -384,6 +384,57 @@ class SKNet(nn.Module):
         return self.head(torch.relu(y).mean(dim=(2, 3)))
 
 
+class RadixSoftmax(nn.Module):
+    """ResNeSt's softmax over the radix: the attention's (cardinality, radix, C) layout
+    viewed, transposed to (radix, cardinality, C), softmaxed over the radix, flattened."""
+
+    def __init__(self, radix, cardinality):
+        super().__init__()
+        self.radix, self.cardinality = radix, cardinality
+
+    def forward(self, x):
+        batch = x.size(0)
+        x = x.view(batch, self.cardinality, self.radix, -1).transpose(1, 2)
+        return torch.softmax(x, dim=1).reshape(batch, -1)
+
+
+class SplitAttn(nn.Module):
+    """ResNeSt's split attention (timm's SplitAttn): one grouped conv makes radix copies of
+    the channels, reshaped to (radix, C) and summed for a squeeze-excite whose attention
+    goes through the radix softmax, then weights the copies, which are summed."""
+
+    def __init__(self, cin=16, cout=12, radix=2, cardinality=1, attn=8):
+        super().__init__()
+        self.radix = radix
+        self.conv = nn.Conv2d(cin, cout * radix, 3, padding=1, groups=cardinality * radix, bias=False)
+        self.bn0 = nn.BatchNorm2d(cout * radix)
+        self.fc1 = nn.Conv2d(cout, attn, 1, groups=cardinality)
+        self.bn1 = nn.BatchNorm2d(attn)
+        self.fc2 = nn.Conv2d(attn, cout * radix, 1, groups=cardinality)
+        self.rsoftmax = RadixSoftmax(radix, cardinality)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.conv(x)))
+        b, rc, h, w = x.shape
+        x = x.reshape((b, self.radix, rc // self.radix, h, w))
+        gap = torch.relu(self.bn1(self.fc1(x.sum(dim=1).mean((2, 3), keepdim=True))))
+        attn = self.rsoftmax(self.fc2(gap)).view(b, -1, 1, 1)
+        return (x * attn.reshape((b, self.radix, rc // self.radix, 1, 1))).sum(dim=1).contiguous()
+
+
+class ResNeSt(nn.Module):
+    def __init__(self, cardinality=1):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.splat = SplitAttn(cardinality=cardinality)
+        self.conv = nn.Conv2d(12, 16, 3, padding=1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = self.conv(torch.relu(self.splat(torch.relu(self.stem(x)))))
+        return self.head(torch.relu(y).mean(dim=(2, 3)))
+
+
 # How a user teaches prune() their split modules (README "Channel splits").
 af.register_split(MixedSplit, sizes=lambda m: [conv.in_channels for conv in m.convs],
                   update=lambda m, sizes: setattr(m, "splits", sizes))
@@ -395,7 +446,7 @@ af.register_split(SelectiveKernel, sizes=lambda m: [p[0].in_channels for p in m.
 
 MOTIFS = {"conv_head": ConvHead, "seg_head": SegHead, "shuffle": ShuffleNetBlock, "ghost": GhostBlock,
           "ghost_se": GhostSE, "mixconv": MixConv, "resnext": ResNeXtBlock, "cat_residual": CatResidual,
-          "mixnet": MixNetBlock, "res2net": Res2Net, "sknet": SKNet}
+          "mixnet": MixNetBlock, "res2net": Res2Net, "sknet": SKNet, "resnest": ResNeSt}
 
 
 class Expansions(nn.Module):

@@ -331,3 +331,26 @@ def test_register_split_checks_its_arguments():
         af.register_split(int, sizes=len, update=print)
     with pytest.raises(TypeError, match="callables"):
         af.register_split(nn.Conv2d, sizes=[1, 2], update=print)
+
+
+@pytest.mark.filterwarnings("ignore:.*closest whole filters get")
+def test_split_attention_radix_softmax_is_followed_or_named():
+    # ResNeSt's attention goes through view (cardinality, radix, C) → transpose → softmax →
+    # view back: at cardinality 1 that leaves every channel in place and the radix copies
+    # (the groups of its conv) are cut as mirrored positions; at cardinality 2 it permutes
+    # the channels, which no cut here follows: those convs stay whole, with that cause.
+    from nets import ResNeSt
+
+    for cardinality in (1, 2):
+        torch.manual_seed(0)
+        model = randomised(ResNeSt(cardinality)).eval()
+        report = af.score(model, loader(n_batches=2), progress=False)
+        pruned, stats = af.prune(model, report, target=0.4, example_inputs=X, progress=False)
+        assert pruned(X).shape == model(X).shape
+        splat = pruned.splat
+        if cardinality == 1:
+            assert "splat.conv" not in stats.skipped and splat.conv.out_channels < 24
+            assert splat.conv.out_channels == splat.fc2.out_channels == 2 * splat.fc1.in_channels
+        else:
+            assert "permutation" in stats.skipped["splat.conv"] and "permutation" in stats.skipped["splat.fc2"]
+            assert splat.conv.out_channels == splat.fc2.out_channels == 24
