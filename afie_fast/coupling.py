@@ -252,17 +252,17 @@ def _into_groups(node, shapes: tuple, reduced: set) -> bool:
     return True
 
 
-def _channel_chain(start, recorder: _ShapeRecorder) -> tuple[list, list[int]] | None:
+def _channel_chain(start, recorder: _ShapeRecorder) -> tuple[list, bool] | None:
     """For a reshape that moves the channels off dim 1 (ResNeSt's radix softmax: a view to
     (cardinality, radix, C), a transpose, a softmax, a view back), the nodes up to the
-    reshape that brings them back to (N, channels, …) and which input channel each output
-    channel is (perm[p]), found by replaying the layout ops on channel indices. None when
-    the chain branches, changes the width or mixes channels with other axes."""
+    reshape that brings back the first two dims, and whether every element is then where
+    it was (found by replaying the layout ops on element numbers: true whatever dim holds
+    the channels). None when the chain branches, or has an op that changes the shape and
+    is not a layout op."""
     shape_in = recorder.io.get(start.grad_fn, ((),))[0]
     if len(shape_in) < 2:
         return None
-    width = shape_in[1]
-    idx = torch.arange(width, dtype=torch.float64).view(1, width, *[1] * (len(shape_in) - 2)).expand(shape_in).clone()
+    idx = torch.arange(math.prod(shape_in), dtype=torch.float64).view(shape_in)
     chain, node = [], start
     while len(chain) < 16:
         chain.append(node)
@@ -273,13 +273,10 @@ def _channel_chain(start, recorder: _ShapeRecorder) -> tuple[list, list[int]] | 
             except (RuntimeError, TypeError, ValueError):  # it did not act on this tensor alone
                 return None
         elif node.grad_fn in recorder.io and len(set(recorder.io[node.grad_fn])) != 1:
-            return None  # an op that changes the shape and is not a layout op
+            return None
         # (a node neither recorded is inside a recorded op: the copy a reshape makes)
-        if node is not start and node.type == OPTYPE.RESHAPE and idx.dim() >= 2 and idx.shape[:2] == shape_in[:2]:
-            flat = idx.transpose(0, 1).reshape(width, -1)
-            if bool((flat == flat[:, :1]).all()):
-                perm = flat[:, 0].long().tolist()
-                return (chain, perm) if sorted(perm) == list(range(width)) else None
+        if node is not start and node.type == OPTYPE.RESHAPE and tuple(idx.shape[:2]) == shape_in[:2]:
+            return chain, bool(torch.equal(idx.reshape(-1), torch.arange(idx.numel(), dtype=torch.float64)))
         if len(node.outputs) != 1:
             return None
         node = node.outputs[0]
@@ -533,9 +530,9 @@ def _layout_chains(dg: tp.DependencyGraph, recorder: _ShapeRecorder) -> dict[Any
         chain = _channel_chain(node, recorder)
         if chain is None:
             continue
-        nodes, perm = chain
-        why = "" if perm == sorted(perm) else ("a channel permutation (a view, a transpose and a view back, as "
-                                               "ResNeSt's radix softmax at cardinality > 1) Torch-Pruning cannot map")
+        nodes, in_place = chain
+        why = "" if in_place else ("a channel permutation (a view, a transpose and a view back: a channel shuffle, "
+                                   "ResNeSt's radix softmax at cardinality > 1) Torch-Pruning cannot map")
         for n in nodes:
             found[n] = why
             n.afie_chain = True
@@ -544,18 +541,24 @@ def _layout_chains(dg: tp.DependencyGraph, recorder: _ShapeRecorder) -> dict[Any
     return found
 
 
+def _only_unit_dims(shape_in: tuple[int, ...], shape_out: tuple[int, ...]) -> bool:
+    """Whether a reshape only adds or drops size-1 dims after the first two."""
+    return (len(shape_in) >= 2 and shape_in[:2] == shape_out[:2] and shape_in != shape_out
+            and [d for d in shape_in[2:] if d != 1] == [d for d in shape_out[2:] if d != 1])
+
+
 def _channel_change(node, recorder: _ShapeRecorder) -> str | None:
     """What a traced reshape or split does to the channels: None (nothing, or not such a
-    node), "identity" (a reshape of the dims after the channels), "groups" (a reshape into
+    node), "identity" (a reshape that only adds or drops unit dims), "groups" (a reshape into
     groups, mapped), "split" (a split a handler knows), or why Torch-Pruning cannot map it."""
     seen = recorder.shapes.get(node.grad_fn)
     if hasattr(node, "afie_chain"):  # see _layout_chains
         return None
     if node.type == OPTYPE.RESHAPE:
         # Views inside other ops (F.linear on a 4-D input) are not seen: they keep the last dim.
-        if seen is not None and len(seen[0]) >= 2 and seen[0][:2] == seen[1][:2]:
-            # (N, C, …) → (N, C, …'): channel c stays c, whatever widths Torch-Pruning infers
-            # around it (before a reshape into groups it read (N, G·C) → (N, G·C, 1, 1) as a flatten)
+        if seen is not None and _only_unit_dims(seen[0], seen[1]):
+            # (N, C) → (N, C, 1, 1) and back: every element stays where it is, whatever widths
+            # Torch-Pruning infers around it (before a reshape into groups it read one as a flatten)
             node.afie_identity = True
             return "identity"
         if seen is None or _keeps_channels(seen[0], seen[1]):

@@ -354,3 +354,25 @@ def test_split_attention_radix_softmax_is_followed_or_named():
         else:
             assert "permutation" in stats.skipped["splat.conv"] and "permutation" in stats.skipped["splat.fc2"]
             assert splat.conv.out_channels == splat.fc2.out_channels == 24
+
+
+def test_a_channel_shuffle_is_a_permutation_and_stays_whole():
+    # view → transpose → view back, like the radix softmax, but it moves the channels: the
+    # replay on element numbers sees that, so the conv before it is not cut as if in place.
+    from nets import channel_shuffle
+
+    class Shuffled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Linear(8, 5)
+
+        def forward(self, x):
+            y = channel_shuffle(torch.relu(self.conv1(x)), 2)
+            return self.head(torch.relu(self.conv2(y)).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    model = randomised(Shuffled()).eval()
+    report = af.score(model, loader(n_batches=2), progress=False)
+    pruned, stats = af.prune(model, report, target=0.4, example_inputs=X, progress=False)
+    assert "channel permutation" in stats.skipped["conv1"] and pruned.conv1.out_channels == 8
+    assert pruned.conv2.out_channels < 8 and pruned(X).shape == model(X).shape
