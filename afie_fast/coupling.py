@@ -95,24 +95,31 @@ class _ShapeRecorder(TorchFunctionMode):
                 h.remove()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not args or not isinstance(args[0], torch.Tensor):
+            return out
         name = getattr(func, "__name__", "")
-        if name in ("sum", "mean", "amax") and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 5:
-            dim = (kwargs or {}).get("dim", args[1] if len(args) > 1 else None)
-            if dim in (1, (1,), [1]) and isinstance(out, torch.Tensor) and out.grad_fn is not None:
-                self.reduced.add(out.grad_fn)
-        if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor) and out.grad_fn is not None:
-            self.io.setdefault(out.grad_fn, (tuple(args[0].shape), tuple(out.shape)))
-            if name in _LAYOUT_FUNCS:
-                self.layout.setdefault(out.grad_fn, (func, args[1:], dict(kwargs or {})))
-        if name in _SHAPE_FUNCS and args and isinstance(args[0], torch.Tensor):
-            outs = out if isinstance(out, (tuple, list)) else (out,)
-            for o in outs:
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            self._note_op(name, func, args, kwargs, out)
+        if name in _SHAPE_FUNCS:
+            for o in out if isinstance(out, (tuple, list)) else (out,):
                 if isinstance(o, torch.Tensor) and o.grad_fn is not None:
                     self.shapes.setdefault(o.grad_fn, (tuple(args[0].shape), tuple(o.shape), name))
                     if self.handled:
                         self.owners.setdefault(o.grad_fn, self.handled[-1])
         return out
+
+    def _note_op(self, name: str, func: Callable, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        """Shapes of every op, the arguments of layout ops, and reductions over dim 1 of a
+        5-D or wider tensor (selective kernels' sum over the paths)."""
+        self.io.setdefault(out.grad_fn, (tuple(args[0].shape), tuple(out.shape)))
+        if name in _LAYOUT_FUNCS:
+            self.layout.setdefault(out.grad_fn, (func, args[1:], dict(kwargs)))
+        if name in ("sum", "mean", "amax") and args[0].dim() >= 5:
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            if dim in (1, (1,), [1]):
+                self.reduced.add(out.grad_fn)
 
 
 def _keeps_channels(shape_in: tuple[int, ...], shape_out: tuple[int, ...]) -> bool:

@@ -25,6 +25,7 @@ Three tables, mean ± std over the seeds:
 
     python benchmarks/paper_mnist.py                                  # 3 seeds, the full run
     python benchmarks/paper_mnist.py --quick --json r.json --out models/
+    python benchmarks/paper_mnist.py --report r.json                  # the tables of a saved run
     python benchmarks/paper_mnist.py --cifar-dir ~/data/cifar-10-batches-py   # VGG-16/CIFAR-10
 """
 from __future__ import annotations
@@ -325,8 +326,9 @@ def tables(results: list[dict], targets) -> str:
     """The three Markdown tables of mean ± std over the seeds."""
     out = []
     layers = list(results[0]["stability"]["afie"]["activations"]["final"])
-    rows = [[name] + [mean_std([r["stability"]["afie"][src][k][name] for r in results], 5)
-                      for src in ("activations", "weights") for k in ("epoch1", "final")] for name in layers]
+    rows = [[f"conv{i + 1} ({name})"] + [mean_std([r["stability"]["afie"][src][k][name] for r in results], 5)
+                                         for src in ("activations", "weights") for k in ("epoch1", "final")]
+            for i, name in enumerate(layers)]
     rows.append(["ρ across layers (epoch 1, final)", mean_std([r["stability"]["rho_layers"]["activations"] for r in results], 3),
                  "", mean_std([r["stability"]["rho_layers"]["weights"] for r in results], 3), ""])
     out.append(table(["layer", "AFIE acts, epoch 1", "acts, trained", "weights, epoch 1", "weights, trained"], rows))
@@ -370,7 +372,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", type=Path, help="write every figure here")
     ap.add_argument("--out", type=Path, help="save each final pruned model here (afie_fast.save_pruned)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--report", type=Path, help="print the tables of a run saved with --json, and stop")
     args = ap.parse_args(argv)
+    if args.report:
+        figures = json.loads(args.report.read_text())
+        print(tables(figures["results"], figures["targets"]))
+        return figures
     torch.set_num_threads(args.threads)
     recipe = replace(QUICK) if args.quick else Recipe()
     recipe = replace(recipe, **{f.name: getattr(args, f.name) for f in fields(Recipe) if getattr(args, f.name) is not None})

@@ -59,6 +59,7 @@ def test_smoke_run_saves_models_that_reload_to_the_stated_accuracy(tmp_path, np_
     figures = paper_mnist.main(["--quick", "--targets", "0.5", *two_batches, "--json", str(js), "--out", str(out),
                                 *data_args])
     saved = json.loads(js.read_text())
+    assert paper_mnist.main(["--report", str(js)]) == saved  # the tables of a saved run, printed again
     normalize = paper_mnist.NORMALIZE if dataset == "mnist" else CIFAR10_NORMALIZE
     assert saved["seeds"] == 1 and saved["normalize"] == json.loads(json.dumps(normalize))
     assert saved["results"] == json.loads(json.dumps(figures["results"]))
