@@ -484,8 +484,10 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> Graph:
         with recorder, recorder.watching_modules():
             return m(x)
 
-    with _index_mapping(failed):
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, forward_fn=forward,
+    # Torch-Pruning traces through autograd: a caller's no_grad or inference_mode would hide
+    # every edge (and an inference tensor cannot enter autograd: hence the clone).
+    with _index_mapping(failed), torch.inference_mode(False), torch.enable_grad():
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs.clone(), forward_fn=forward,
                                                    verbose=False)
     chained = _layout_chains(dg, recorder)
     opaque: dict[Any, str] = {n: f"a channel {_KIND.get(n.type, 'coupling')} Torch-Pruning cannot map"

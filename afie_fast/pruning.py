@@ -228,6 +228,7 @@ def _why_short(skipped: dict[str, str], prune_residual: bool | str) -> str:
     return "; ".join(parts) + hint
 
 
+@torch.inference_mode(False)  # the copy and the cut make tensors autograd must trace
 def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: str = "filters",
           example_inputs: torch.Tensor, criterion: str | None = None, prune_residual: bool | str = "auto",
           ignored_layers: Sequence[str | nn.Module] | None = None, seed: int = 0,

@@ -78,6 +78,7 @@ def _file_digest(tensors: dict[str, torch.Tensor], plan_json: str) -> str:
     return h.hexdigest()
 
 
+@torch.inference_mode(False)  # the copy and the cut make tensors autograd must trace
 def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
     """Rebuild a pruned model from a fresh, unpruned instance of its architecture and a
     file written by :func:`save_pruned`. Returns a new module; ``model`` is not changed.

@@ -134,6 +134,21 @@ def test_save_load_round_trip_no_pickle(tmp_path):
         af.save_pruned(model, tmp_path / "x.safetensors")
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_prune_and_load_inside_no_grad_or_inference_mode(mode, tmp_path):
+    # Users evaluate under no_grad/inference_mode and load there too; the graph trace needs
+    # autograd, so prune and load_pruned must not depend on the caller's grad mode.
+    model, report = scored("resnet_basic")
+    with mode():
+        x = X.clone()  # under inference_mode, an inference tensor
+        pruned, stats = af.prune(model, report, target=0.5, example_inputs=x)
+        loaded = af.load_pruned(randomised(ARCHS["resnet_basic"](), seed=9),
+                                af.save_pruned(pruned, tmp_path / "p.safetensors"))
+        pruned.eval(), loaded.eval()
+        assert torch.equal(loaded(x), pruned(x))
+    assert stats.reached > 0.4
+
+
 def test_a_model_cut_by_torch_pruning_itself_saves_and_loads(tmp_path):
     """pruning_plan makes a plan for a model Torch-Pruning's own MetaPruner cut (the
     benchmarks save their Torch-Pruning baselines so), and load_pruned replays it."""
