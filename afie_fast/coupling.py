@@ -167,27 +167,15 @@ def _watching_ties():
 
 
 def _mirrors(ties: set[tuple[int, int]], width: int) -> int | None:
-    """G when tied root channels form G mirrored copies of width/G positions (channel j
-    tied to j + width/G, j + 2·width/G, …, as GhostNet's halves), which a cut mirrored
-    across G channel groups keeps consistent; None for any other pattern."""
-    parent = list(range(width))
-
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
+    """G when every tie joins root channels a multiple of width/G apart, so that a cut
+    mirrored across G channel groups (the same positions in each) takes tied channels
+    together: GhostNet's halves (j, j + width/2), a Res2Net-style hierarchy over parts of a
+    stream (j, j + width/G, j + 2·width/G, … of some parts; the rest are mirrored alike).
+    None when only G = width would do, i.e. no cut short of all channels."""
+    step = width
     for a, b in ties:
-        parent[find(a)] = find(b)
-    classes: dict[int, list[int]] = {}
-    for r in range(width):
-        classes.setdefault(find(r), []).append(r)
-    g = len(classes[find(0)])
-    step = width // g
-    if width % g or any(c != [c[0] + k * step for k in range(g)] or c[0] >= step for c in classes.values()):
-        return None
-    return g
+        step = math.gcd(step, abs(a - b))
+    return width // step if step > 1 or not ties else None
 
 
 def _split_part(node, out) -> int | None:

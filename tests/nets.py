@@ -1,7 +1,10 @@
 """Small test architectures: a VGG-style stack, a bottleneck ResNet, grouped/depthwise convs,
 a concat, a depthwise-separable block, the motifs of timm's and torchvision's CNNs, and
 nets of every conv kind (1-D ResNet, TCN, 3-D ResNet, U-Net with transposed convs)."""
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import afie_fast as af
@@ -435,6 +438,99 @@ class ResNeSt(nn.Module):
         return self.head(torch.relu(y).mean(dim=(2, 3)))
 
 
+class RepBranches(nn.Module):
+    """RepVGG / MobileOne: a 3×3 conv + BN, a 1×1 conv + BN and (where the width stays) an
+    identity BN, summed; every branch's output is one residual stream. The first block
+    changes width and has no identity, so its input (the stem) is not in the stream."""
+
+    def __init__(self, c=12, blocks=2):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+
+        def block(cin, identity):
+            branches = {"k3": nn.Sequential(nn.Conv2d(cin, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)),
+                        "k1": nn.Sequential(nn.Conv2d(cin, c, 1, bias=False), nn.BatchNorm2d(c))}
+            return nn.ModuleDict({**branches, "id": nn.BatchNorm2d(c)} if identity else branches)
+        self.blocks = nn.ModuleList([block(8, False)] + [block(c, True) for _ in range(blocks)])
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        for b in self.blocks:
+            x = torch.relu(sum(branch(x) for branch in b.values()))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class Conv2dSame(nn.Conv2d):
+    """TensorFlow's "same" padding as timm's Conv2dSame writes it: padding worked out from
+    the input size in forward (asymmetric when the stride needs it), then a conv without."""
+
+    def forward(self, x):
+        pads = []
+        for size, k, s, d in zip(x.shape[:1:-1], self.kernel_size[::-1], self.stride[::-1], self.dilation[::-1]):
+            total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class TFSame(nn.Module):
+    """EfficientNet(V2) ported from TensorFlow: same-padded strided convs, an inverted
+    residual with a same-padded depthwise conv, a squeeze-excite gate and a projection."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.stem = nn.Sequential(Conv2dSame(3, c, 3, stride=2, bias=False), nn.BatchNorm2d(c), nn.SiLU())
+        self.expand = nn.Sequential(nn.Conv2d(c, 4 * c, 1, bias=False), nn.BatchNorm2d(4 * c), nn.SiLU())
+        self.dw = nn.Sequential(Conv2dSame(4 * c, 4 * c, 3, groups=4 * c, bias=False), nn.BatchNorm2d(4 * c), nn.SiLU())
+        self.reduce, self.excite = nn.Conv2d(4 * c, 4, 1), nn.Conv2d(4, 4 * c, 1)
+        self.project = nn.Sequential(nn.Conv2d(4 * c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.down = nn.Sequential(Conv2dSame(c, 2 * c, 3, stride=2, bias=False), nn.BatchNorm2d(2 * c), nn.SiLU())
+        self.head = nn.Linear(2 * c, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.dw(self.expand(x))
+        y = y * torch.sigmoid(self.excite(F.silu(self.reduce(y.mean((2, 3), keepdim=True)))))
+        x = self.down(x + self.project(y))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class SplitTransposeBlock(nn.Module):
+    """EdgeNeXt's split-transpose block without its transposed attention: the input chunked
+    into equal parts, Res2Net's hierarchy of depthwise convs over them (``x.chunk``: the
+    sizes follow the width, only ``width`` is kept), then a channels-last MLP, residual.
+    (No LayerNorm: the zero-channel exactness test cannot hold through a norm over channels.)"""
+
+    def __init__(self, dim=16, scales=4):
+        super().__init__()
+        self.width = dim // scales
+        self.convs = nn.ModuleList(nn.Conv2d(self.width, self.width, 3, padding=1, groups=self.width)
+                                   for _ in range(scales - 1))
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        parts = x.chunk(len(self.convs) + 1, dim=1)
+        outs, sp = [], parts[0]
+        for i, conv in enumerate(self.convs):
+            sp = conv(sp if i == 0 else sp + parts[i])
+            outs.append(sp)
+        y = torch.cat(outs + [parts[-1]], 1).permute(0, 2, 3, 1)
+        y = self.fc2(F.gelu(self.fc1(y))).permute(0, 3, 1, 2)
+        return x + y
+
+
+class SplitTranspose(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)  # narrow: half the FLOPs need the block's stream
+        self.down = nn.Conv2d(4, 16, 2, stride=2)
+        self.block = SplitTransposeBlock()
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(self.block(self.down(torch.relu(self.stem(x)))).mean(dim=(2, 3)))
+
+
 # How a user teaches prune() their split modules (README "Channel splits").
 af.register_split(MixedSplit, sizes=lambda m: [conv.in_channels for conv in m.convs],
                   update=lambda m, sizes: setattr(m, "splits", sizes))
@@ -442,11 +538,14 @@ af.register_split(Res2Block, sizes=lambda m: [m.convs[0].in_channels] * m.scale,
                   update=lambda m, sizes: setattr(m, "width", sizes[0]), equal=True)
 af.register_split(SelectiveKernel, sizes=lambda m: [p[0].in_channels for p in m.paths],
                   update=lambda m, sizes: setattr(m, "in_channels", sum(sizes)), equal=True)
+af.register_split(SplitTransposeBlock, sizes=lambda m: [m.convs[0].in_channels] * (len(m.convs) + 1),
+                  update=lambda m, sizes: setattr(m, "width", sizes[0]), equal=True)
 
 
 MOTIFS = {"conv_head": ConvHead, "seg_head": SegHead, "shuffle": ShuffleNetBlock, "ghost": GhostBlock,
           "ghost_se": GhostSE, "mixconv": MixConv, "resnext": ResNeXtBlock, "cat_residual": CatResidual,
-          "mixnet": MixNetBlock, "res2net": Res2Net, "sknet": SKNet, "resnest": ResNeSt}
+          "mixnet": MixNetBlock, "res2net": Res2Net, "sknet": SKNet, "resnest": ResNeSt,
+          "rep_branches": RepBranches, "tf_same": TFSame, "split_transpose": SplitTranspose}
 
 
 class Expansions(nn.Module):
