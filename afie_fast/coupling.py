@@ -562,6 +562,9 @@ def _channel_change(node, recorder: _ShapeRecorder) -> str | None:
             return None
         if _into_groups(node, seen, recorder.reduced):
             return "groups"
+        if _moves_channels_whole(node, recorder):
+            node.afie_identity = True
+            return "identity"
         return "a channel reshape (e.g. a channel shuffle) Torch-Pruning cannot map"
     if node.type in (OPTYPE.SPLIT, OPTYPE.SLICE, OPTYPE.UNBIND):
         # Split sizes and slice bounds are constants of the forward code: cutting the
@@ -574,6 +577,68 @@ def _channel_change(node, recorder: _ShapeRecorder) -> str | None:
             return "split"
         return ("a channel split or slice fixed in the model's forward code "
                 "(afie_fast.register_split teaches prune where its sizes live)")
+    return None
+
+
+# Layers whose output carries the channels on dim 1 (a Linear's are on the last dim).
+_CHANNELS_FIRST = (OPTYPE.CONV, OPTYPE.DEPTHWISE_CONV, OPTYPE.BN, OPTYPE.GN, OPTYPE.IN, OPTYPE.PRELU)
+# Nodes whose output carries the channels where their input does.
+_CHANNELS_KEPT = (OPTYPE.ELEMENTWISE, OPTYPE.LN, OPTYPE.CONCAT, OPTYPE.SPLIT, OPTYPE.SLICE)
+
+
+def _moves_channels_whole(node, recorder: _ShapeRecorder) -> bool:
+    """Whether a reshape keeps every channel whole wherever its input holds them: tokens
+    (N, H·W, C) → (N, H, W, C), channels last, as EdgeNeXt writes them. Found by replaying
+    the reshape on each element's channel number, the channels' dim read back to the layer
+    that made them (a conv's: dim 1; a Linear's: the last) through layout and elementwise ops."""
+    io = recorder.io.get(node.grad_fn)
+    if io is None or node.grad_fn not in recorder.layout or len(node.inputs) != 1:
+        return False
+    return _replayed_channel_dim(node, recorder, _channel_dim(node.inputs[0], recorder, {}), io[0]) is not None
+
+
+def _channel_dim(node, recorder: _ShapeRecorder, memo: dict, depth: int = 0) -> int | None:
+    """The dim of node's output that carries its channels, or None where unknown."""
+    if node in memo:
+        return memo[node]
+    memo[node] = None  # a cycle or a long walk ends unknown
+    shape = recorder.io.get(node.grad_fn, (None, None))[1]
+    if shape is None or depth > 48:
+        return None
+    if node.type in _CHANNELS_FIRST:
+        dim = 1
+    elif node.type == OPTYPE.LINEAR:
+        dim = len(shape) - 1
+    elif node.grad_fn in recorder.layout and len(node.inputs) == 1:
+        dim = _replayed_channel_dim(node, recorder, _channel_dim(node.inputs[0], recorder, memo, depth + 1),
+                                    recorder.io[node.grad_fn][0])
+    elif node.type in _CHANNELS_KEPT:  # as an input of the same rank has them
+        dims = [_channel_dim(n, recorder, memo, depth + 1) for n in node.inputs
+                if len(recorder.io.get(n.grad_fn, (None, ()))[1] or ()) == len(shape)]
+        dim = next((d for d in dims if d is not None), None)
+    else:
+        dim = None
+    memo[node] = dim
+    return dim
+
+
+def _replayed_channel_dim(node, recorder: _ShapeRecorder, dim_in: int | None, shape_in: tuple[int, ...]) -> int | None:
+    """The dim of a layout op's output along which its input's channel dim ``dim_in`` runs
+    whole and in order, or None."""
+    if dim_in is None or not 0 <= dim_in < len(shape_in) or math.prod(shape_in) > 1 << 24:
+        return None
+    func, args, kwargs = recorder.layout[node.grad_fn]
+    channels = shape_in[dim_in]
+    numbers = torch.arange(math.prod(shape_in)) // math.prod(shape_in[dim_in + 1:]) % channels
+    try:
+        out = func(numbers.view(shape_in), *args, **kwargs)
+    except (RuntimeError, TypeError, ValueError):  # it did not act on this tensor alone
+        return None
+    for d, size in enumerate(out.shape):
+        if size == channels:
+            along = torch.arange(size).view([-1 if i == d else 1 for i in range(out.dim())])
+            if torch.equal(out, along.expand_as(out)):
+                return d
     return None
 
 

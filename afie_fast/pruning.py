@@ -5,7 +5,7 @@ import contextlib
 import gc
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -371,17 +371,23 @@ class _Run:
         self.allocation, self.degenerate = allocation, degenerate
         self.residual = prune_residual is True  # whether residual streams are cut
         self.joined: dict[str, str] = {}  # residual-stream layers "auto" cut, and why
+        self.broken: dict[str, str] = {}  # layers whose unit's cut stopped the model from running, and why
         self.bar = bar  # tqdm: one step per trace, group read, unit cut and check
         self.macs = self.params = 0
         self._trace(count=True)
         if prune_residual == "auto":
             self._join_residual_if_needed(target)
-        if not self.units:
-            linear_unscored = (any(isinstance(m, nn.Linear) for m in model.modules())
-                               and not any(isinstance(self.layers.get(n), nn.Linear) for n in report.layers))
-            hint = "; its nn.Linear layers may hold the width: score(..., linear=True)" if linear_unscored else ""
-            raise ValueError(f"nothing to prune in this {type(model).__name__}: "
-                             f"{_why_short(self.skipped, prune_residual)}{hint}")
+        self._check_some_units()
+
+    def _check_some_units(self) -> None:
+        if self.units:
+            return
+        model, report = self.model, self.report
+        linear_unscored = (any(isinstance(m, nn.Linear) for m in model.modules())
+                           and not any(isinstance(self.layers.get(n), nn.Linear) for n in report.layers))
+        hint = "; its nn.Linear layers may hold the width: score(..., linear=True)" if linear_unscored else ""
+        raise ValueError(f"nothing to prune in this {type(model).__name__}: "
+                         f"{_why_short(self.skipped, self.prune_residual)}{hint}")
 
     def _trace(self, count: bool = False) -> None:
         """Trace a fresh copy of the model into its graph, groups and units; the first time,
@@ -403,6 +409,12 @@ class _Run:
 
     def _find_units(self) -> None:
         self.units, self.skipped = find_units(self.graph, self.groups, self.report.layers, self.residual)
+        if self.broken:  # found by an earlier cut (see reach)
+            whole = [u for u in self.units if any(m[0] in self.broken for m in u.members)]
+            for u in whole:
+                why = next(self.broken[m[0]] for m in u.members if m[0] in self.broken)
+                self.skipped.update((m[0], why) for m in u.members if m[0] in self.report.layers)
+            self.units = [u for u in self.units if u not in whole]
         if self.prune_residual == "auto" and not self.residual:  # kept whole because the target did not need them
             self.skipped = {n: _KEPT if why.startswith(RESIDUAL) else why for n, why in self.skipped.items()}
         self.cost = _CostModel(self.before, self.graph.names, self.units)
@@ -470,6 +482,49 @@ class _Run:
         return best
 
     def reach(self, target: float, criterion: str, seed: int) -> tuple[_Plan, nn.Module]:
+        """:meth:`_reach`; a unit whose cut alone stops the model from running (a width its
+        forward code ties to another, which the graph does not see: EdgeNeXt's transposed
+        attention reshapes to its input's width, TResNet's blur is a functional conv of a
+        fixed width) is left whole with that cause, and the rest planned again."""
+        while True:
+            try:
+                return self._reach(target, criterion, seed)
+            except _DoesNotRun as exc:
+                culprit = self._breaking_unit(exc.plan, criterion, seed)
+                if culprit is None:  # only a combination of cuts breaks it
+                    raise
+                why = f"its cut stops the model from running ({exc.cause}): a width tied in its forward code"
+                self.broken.update((m[0], why) for m in culprit.members)
+                for name, _, _ in culprit.members:
+                    self.joined.pop(name, None)
+                self._trace()
+                self._check_some_units()
+
+    def _breaking_unit(self, plan: _Plan, criterion: str, seed: int) -> Unit | None:
+        """The unit of ``plan`` (which does not run) whose cut alone does not run, found by
+        halving the planned cuts on fresh copies; None when no half fails on its own."""
+        cut = [i for i, k in enumerate(plan.counts) if k > 0]
+        while len(cut) > 1:
+            halves = (cut[:len(cut) // 2], cut[len(cut) // 2:])
+            failing = next((h for h in halves if not self._runs_with(plan, h, criterion, seed)), None)
+            if failing is None:
+                return None
+            cut = failing
+        return self.units[cut[0]] if cut else None
+
+    def _runs_with(self, plan: _Plan, cut: list[int], criterion: str, seed: int) -> bool:
+        """Whether a fresh copy runs with only the units ``cut`` of ``plan`` cut."""
+        self._trace()
+        only = replace(plan, counts=[k if i in cut else 0 for i, k in enumerate(plan.counts)])
+        _apply(self.graph, self.units, only, self.report, layers_of(self.model), criterion, seed, tick=lambda: None)
+        refresh(self.work)
+        try:
+            _check_runs(self.work, self.x, self.before.shape, dispatch=not self.before.by_layers)
+        except _DoesNotRun:
+            return False
+        return True
+
+    def _reach(self, target: float, criterion: str, seed: int) -> tuple[_Plan, nn.Module]:
         """Plan, cut and measure; for FLOPs/params, re-aim on a fresh copy (up to 3 times)
         while the cost model misses the measured reduction by more than 1%."""
         plan = self.plan(target)
@@ -498,7 +553,12 @@ class _Run:
         refresh(self.work)  # split sizes kept in attributes follow the cut layers
         self._step("check")
         # Counted like the original: by its conv and linear layers where they held every FLOP.
-        self.macs, self.params = _check_runs(self.work, self.x, self.before.shape, dispatch=not self.before.by_layers)
+        try:
+            self.macs, self.params = _check_runs(self.work, self.x, self.before.shape,
+                                                 dispatch=not self.before.by_layers)
+        except _DoesNotRun as exc:
+            exc.plan = plan
+            raise
         self.bar.update()
         return self.work
 
@@ -551,6 +611,14 @@ def _apply(graph: Graph, units: list[Unit], plan: _Plan, report: AFIEReport, con
         tick()
 
 
+class _DoesNotRun(RuntimeError):
+    """The pruned copy fails to run or changes the output's shape: ``cause`` says how."""
+
+    def __init__(self, message: str, cause: str) -> None:
+        super().__init__(message)
+        self.cause, self.plan = cause, None
+
+
 def _check_runs(model: nn.Module, example_inputs: torch.Tensor, shape: Any, dispatch: bool = True) -> tuple[int, int]:
     """MACs and params of the pruned copy, which must run and give outputs of the
     original's shape: a failure here is a coupling the dependency graph did not see."""
@@ -563,12 +631,14 @@ def _check_runs(model: nn.Module, example_inputs: torch.Tensor, shape: Any, disp
             model(example_inputs)
         after = counting.measured
     except RuntimeError as exc:
-        raise RuntimeError(f"the pruned {type(model).__name__} does not run ({str(exc).splitlines()[0]}): its forward "
-                           "couples channels in a way Torch-Pruning's graph does not see; pass the convs involved in "
-                           "ignored_layers=[...]") from exc
+        cause = str(exc).splitlines()[0]
+        raise _DoesNotRun(f"the pruned {type(model).__name__} does not run ({cause}): its forward couples channels "
+                          "in a way Torch-Pruning's graph does not see; pass the convs involved in "
+                          "ignored_layers=[...]", cause) from exc
     if after.shape != shape:
-        raise RuntimeError(f"the pruned {type(model).__name__} gives outputs of shape {after.shape} instead of "
-                           f"{shape}; pass the convs involved in ignored_layers=[...]")
+        raise _DoesNotRun(f"the pruned {type(model).__name__} gives outputs of shape {after.shape} instead of "
+                          f"{shape}; pass the convs involved in ignored_layers=[...]",
+                          f"outputs of shape {after.shape}, not {shape}")
     return after.macs, after.params
 
 

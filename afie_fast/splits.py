@@ -112,3 +112,10 @@ def _selective_kernel_update(m: nn.Module, sizes: list[int]) -> None:
 # timm's SelectiveKernel (SKNet): the input split equally among the kernel paths.
 register_split("timm.layers.selective_kernel.SelectiveKernel", lambda m: [p.conv.in_channels for p in m.paths],
                _selective_kernel_update, equal=True)
+
+
+# timm's EdgeNeXt SplitTransposeBlock: the input chunked into len(convs) + 1 parts, Res2Net's
+# hierarchy over them (``x.chunk`` splits whatever width it gets; only `width` is kept).
+# Equal parts only: a width the parts do not divide (88 in 3) leaves the split unhandled.
+register_split("timm.models.edgenext.SplitTransposeBlock", lambda m: [m.convs[0].in_channels] * (len(m.convs) + 1),
+               _res2net_update, equal=True)

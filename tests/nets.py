@@ -531,6 +531,48 @@ class SplitTranspose(nn.Module):
         return self.head(self.block(self.down(torch.relu(self.stem(x)))).mean(dim=(2, 3)))
 
 
+class TokenMixer(nn.Module):
+    """A conv stage whose block runs on tokens, as EdgeNeXt and hybrid CNN-transformers
+    write it: (N, C, H, W) → (N, C, H·W) → (N, H·W, C), an MLP of Linears on the last dim,
+    (N, H·W, C) → (N, H, W, C) → (N, C, H, W), added to its input: the reshapes move the
+    channels between dims but keep each whole."""
+
+    def __init__(self, dim=12):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 3, padding=1)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.conv = nn.Conv2d(dim, 8, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        b, c, h, w = x.shape
+        t = x.reshape(b, c, h * w).permute(0, 2, 1)
+        t = self.fc2(F.gelu(self.fc1(t)))
+        x = x + t.reshape(b, h, w, c).permute(0, 3, 1, 2)
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+class HiddenTie(nn.Module):
+    """A width tied in forward code, out of the graph's sight (EdgeNeXt's transposed
+    attention reshapes its heads' output to the input width read from ``x.shape``): cutting
+    the stem's filters alone makes the reshape fail, so the stem must stay whole."""
+
+    def __init__(self, c=12):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.inner = nn.Conv2d(c, c, 1)
+        self.mid = nn.Conv2d(c, 16, 3, padding=1)
+        self.conv = nn.Conv2d(16, 8, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        b, c, h, w = x.shape
+        y = self.inner(x).flatten(1).reshape(b, c, h, w)  # the inner width is taken to be the input's
+        return self.head(torch.relu(self.conv(torch.relu(self.mid(y)))).mean(dim=(2, 3)))
+
+
 # How a user teaches prune() their split modules (README "Channel splits").
 af.register_split(MixedSplit, sizes=lambda m: [conv.in_channels for conv in m.convs],
                   update=lambda m, sizes: setattr(m, "splits", sizes))
@@ -545,7 +587,7 @@ af.register_split(SplitTransposeBlock, sizes=lambda m: [m.convs[0].in_channels] 
 MOTIFS = {"conv_head": ConvHead, "seg_head": SegHead, "shuffle": ShuffleNetBlock, "ghost": GhostBlock,
           "ghost_se": GhostSE, "mixconv": MixConv, "resnext": ResNeXtBlock, "cat_residual": CatResidual,
           "mixnet": MixNetBlock, "res2net": Res2Net, "sknet": SKNet, "resnest": ResNeSt,
-          "rep_branches": RepBranches, "tf_same": TFSame, "split_transpose": SplitTranspose}
+          "rep_branches": RepBranches, "tf_same": TFSame, "split_transpose": SplitTranspose, "tokens": TokenMixer}
 
 
 class Expansions(nn.Module):

@@ -8,7 +8,7 @@ from torch import nn
 
 import afie_fast as af
 from afie_fast.layers import width
-from nets import ARCHS, MOTIFS, CatResidual, ConvNeXtBlock, loader, randomised
+from nets import ARCHS, MOTIFS, CatResidual, ConvNeXtBlock, HiddenTie, loader, randomised
 import reference
 
 X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7))
@@ -381,3 +381,19 @@ def test_a_channel_shuffle_is_a_permutation_and_stays_whole():
     pruned, stats = af.prune(model, report, target=0.4, example_inputs=X, progress=False)
     assert "channel permutation" in stats.skipped["conv1"] and pruned.conv1.out_channels == 8
     assert pruned.conv2.out_channels < 8 and pruned(X).shape == model(X).shape
+
+
+def test_a_width_tied_in_forward_code_is_found_and_left_whole():
+    # HiddenTie reshapes a conv's output to the width of its input, read from x.shape: the
+    # graph cannot see it, the pruned copy would not run. The unit whose cut alone breaks
+    # it is found on fresh copies and left whole, with the cause; the rest is cut.
+    torch.manual_seed(0)
+    model = randomised(HiddenTie()).eval()
+    report = af.score(model, loader(n_batches=2), progress=False)
+    pruned, stats = af.prune(model, report, target=0.3, example_inputs=X, progress=False)
+    assert stats.kept["stem"] == (12, 12)
+    assert stats.skipped["stem"].startswith("its cut stops the model from running (shape")
+    assert stats.kept["mid"][1] < 16 and stats.kept["conv"][1] < 8
+    assert pruned(X).shape == model(X).shape
+    with pytest.raises(ValueError, match="nothing to prune.*stops the model from running"):
+        af.prune(model, report, target=0.3, example_inputs=X, progress=False, ignored_layers=["mid", "conv"])

@@ -78,9 +78,11 @@ def test_family_reaches_half_the_flops_at_the_defaults(name, tmp_path):
 
 @pytest.mark.slow
 def test_split_transpose_attention_says_why_it_stays_whole():
-    # EdgeNeXt's split-transpose blocks reshape their channels into attention heads: no
-    # split handler reaches that, and prune names the cause instead of a wrong cut.
+    # EdgeNeXt: its tokens' reshapes keep the channels whole and its equal chunks are cut
+    # mirrored, but the transposed attention reshapes its heads' output to its input's
+    # width (read from x.shape), which no graph sees: those streams are found to break the
+    # forward and stay whole, as does the stage whose width (88) its 3 chunks do not divide.
     model = make("edgenext_xx_small")
     report = af.score(model, [X], progress=False)
-    with pytest.raises(ValueError, match=r"out of reach.*a channel reshape .* Torch-Pruning cannot map"):
+    with pytest.raises(ValueError, match=r"out of reach(?=.*a channel split)(?=.*its cut stops the model from running)"):
         af.prune(model, report, target=0.5, unit="flops", example_inputs=X[:1], progress=False)
