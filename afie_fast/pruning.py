@@ -498,6 +498,8 @@ class _Run:
                 for name, _, _ in culprit.members:
                     self.joined.pop(name, None)
                 self._trace()
+                if self.prune_residual == "auto" and not self.residual:  # the streams may be needed now
+                    self._join_residual_if_needed(target)
                 self._check_some_units()
 
     def _breaking_unit(self, plan: _Plan, criterion: str, seed: int) -> Unit | None:
