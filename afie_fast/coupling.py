@@ -591,10 +591,7 @@ def _moves_channels_whole(node, recorder: _ShapeRecorder) -> bool:
     (N, H·W, C) → (N, H, W, C), channels last, as EdgeNeXt writes them. Found by replaying
     the reshape on each element's channel number, the channels' dim read back to the layer
     that made them (a conv's: dim 1; a Linear's: the last) through layout and elementwise ops."""
-    io = recorder.io.get(node.grad_fn)
-    if io is None or node.grad_fn not in recorder.layout or len(node.inputs) != 1:
-        return False
-    return _replayed_channel_dim(node, recorder, _channel_dim(node.inputs[0], recorder, {}), io[0]) is not None
+    return node.grad_fn in recorder.layout and _channel_dim(node, recorder, {}) is not None
 
 
 def _channel_dim(node, recorder: _ShapeRecorder, memo: dict, depth: int = 0) -> int | None:

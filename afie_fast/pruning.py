@@ -517,11 +517,9 @@ class _Run:
     def _runs_with(self, plan: _Plan, cut: list[int], criterion: str, seed: int) -> bool:
         """Whether a fresh copy runs with only the units ``cut`` of ``plan`` cut."""
         self._trace()
-        only = replace(plan, counts=[k if i in cut else 0 for i, k in enumerate(plan.counts)])
-        _apply(self.graph, self.units, only, self.report, layers_of(self.model), criterion, seed, tick=lambda: None)
-        refresh(self.work)
+        keep = set(cut)
         try:
-            _check_runs(self.work, self.x, self.before.shape, dispatch=not self.before.by_layers)
+            self.apply(replace(plan, counts=[k if i in keep else 0 for i, k in enumerate(plan.counts)]), criterion, seed)
         except _DoesNotRun:
             return False
         return True
