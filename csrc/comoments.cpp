@@ -19,12 +19,13 @@ namespace {
 constexpr int64_t kWide = 512;
 
 // Channel-major layers with float products run on gram_upper_add: narrower than kGramMax
-// each worker takes its own L2-sized chunks (update_gram); from there to kGramWideMax the
-// workers share each chunk of kGramPanel observations (update_gram_wide). Wider layers
-// stay on BLAS (update_wide): at 2048 channels the kernel's pass over a 32 MiB C² partial
-// per 512 observations made it 1.3× slower, at 1024 it was even.
+// each worker takes its own L2-sized chunks (update_gram); wider, the workers share each
+// chunk of kGramPanel observations (update_gram_wide). There is no upper bound: on two
+// Zen 5 cores the kernel took 1.0× (2048–4096 channels, 784 observations) down to 0.45×
+// (2048 at 14×14, batches of 4) the time of the OpenBLAS path that used to take layers
+// from 1024 channels (EfficientNet-B0's 1152 at 7×7: 0.73×; accumulate timings, median
+// of 7–15, one build after the other).
 constexpr int64_t kGramMax = 256;
-constexpr int64_t kGramWideMax = 1024;
 constexpr int64_t kGramPanel = 512;  // the kernel's best row length (43 GMAC/s a core vs 40 at 1024)
 
 
@@ -197,12 +198,12 @@ void chunk_runs(const Runs& r, int64_t o0, int64_t o1, std::vector<GramRun>& run
 // sums[c] = Σ y[c, ·] in double, then row c of buf = y[c, ·] − μ_c in float, zero-padded
 // to ld. Channel by channel, so the second read of a row comes from L1 (one pass copying
 // and summing, then another centring, would stream the whole chunk twice more).
-// float32 runs at stride 1 (NCHW) take gram_fill_f32.
+// float32 data takes gram_fill_f32.
 template <DType T>
 void fill_centred(const Batch4& y, const Runs& r, const std::vector<GramRun>& runs, int64_t k, int64_t c0, int64_t c1,
                   float* __restrict buf, int64_t ld, double* __restrict sums) {
-  if (T == DType::f32 && r.sL == 1) {
-    gram_fill_f32(static_cast<const float*>(y.data), r.sC, runs.data(), int64_t(runs.size()), k, c0, c1, buf, ld, sums);
+  if (T == DType::f32) {
+    gram_fill_f32(static_cast<const float*>(y.data), r.sC, r.sL, runs.data(), int64_t(runs.size()), k, c0, c1, buf, ld, sums);
   } else {
     for (int64_t c = c0; c < c1; ++c) {
       double acc[8] = {};
@@ -360,7 +361,7 @@ void update_gram(const Batch4& y, const Runs& r, double* n, Acc* mean, Acc* m2, 
   for (int64_t t = 0; t < workers; ++t) fold_state(C, n, mean, m2, p.n[t], p.mean_of(t), p.m2_of(t), workers_max);
 }
 
-// Wide channel-major layers (kGramMax ≤ C < kGramWideMax) with float products: few
+// Wide channel-major layers (C ≥ kGramMax) with float products: few
 // observations of many channels, so too few chunks to give each worker its own, and a C²
 // partial per worker would cost more to fold than it saves. Each worker takes a share of
 // the triangle's tile rows of one double S and runs through all the chunks (kGramPanel
@@ -453,14 +454,14 @@ void update_chunks(const Batch4& y, const Runs& r, bool obs_major, double* n, Ac
 // Which strategy accumulates a batch, and why. Every threshold is in the table above it.
 enum class Path {
   Gram,        // float products, NCHW, C < kGramMax, AVX2/AVX-512: each worker its own L2 chunks
-  GramWide,    // float products, NCHW, C < kGramWideMax, AVX2/AVX-512: workers share the triangle
+  GramWide,    // float products, NCHW, C ≥ kGramMax, AVX2/AVX-512: workers share the triangle
   BlasWide,    // C ≥ kWide with threads and observations to spare: all threads on each chunk
   BlasChunks,  // the rest (channels_last, float64 products, narrow or tiny batches): chunks per worker
 };
 
 template <class Work>
 Path choose_path(int64_t C, int64_t m, bool obs_major, int64_t workers) {
-  if (std::is_same_v<Work, float> && !obs_major && C < kGramWideMax && gram_available())
+  if (std::is_same_v<Work, float> && !obs_major && gram_available())
     return C < kGramMax ? Path::Gram : Path::GramWide;
   if (C >= kWide && workers > 1 && m >= 2 * workers) return Path::BlasWide;
   return Path::BlasChunks;

@@ -153,45 +153,73 @@ void gram_upper_add(const float* a, int64_t n, int64_t ld, double* c, int64_t i_
   gram_upper_add_avx2(a, n, ld, c, i_begin, i_end);
 }
 
-__attribute__((target("avx2,fma"))) void gram_fill_f32(const float* x, int64_t sC, const GramRun* runs,
+// Adds Σ p[0..len) in double to four chains (one would wait on each add's latency),
+// prefetching pf[0..len) alongside when pf is given.
+__attribute__((target("avx2,fma"))) inline void add_run(const float* p, int64_t len, const float* pf, __m256d (&a)[4],
+                                                        double& tail) {
+  int64_t t = 0;
+  for (; t + 16 <= len; t += 16) {
+    if (pf) _mm_prefetch(reinterpret_cast<const char*>(pf + t), _MM_HINT_T0);
+    const __m256 u = _mm256_loadu_ps(p + t), v = _mm256_loadu_ps(p + t + 8);
+    a[0] = _mm256_add_pd(a[0], _mm256_cvtps_pd(_mm256_castps256_ps128(u)));
+    a[1] = _mm256_add_pd(a[1], _mm256_cvtps_pd(_mm256_extractf128_ps(u, 1)));
+    a[2] = _mm256_add_pd(a[2], _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
+    a[3] = _mm256_add_pd(a[3], _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+  }
+  for (; t + 4 <= len; t += 4) a[0] = _mm256_add_pd(a[0], _mm256_cvtps_pd(_mm_loadu_ps(p + t)));
+  for (; t < len; ++t) tail += p[t];
+}
+
+__attribute__((target("avx2,fma"))) inline double total(const __m256d (&a)[4], double tail) {
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(_mm256_add_pd(a[0], a[1]), _mm256_add_pd(a[2], a[3])));
+  return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + tail;
+}
+
+// o[0..len) = p[0..len) − mu (o may be p).
+__attribute__((target("avx2,fma"))) inline void centre_run(const float* p, int64_t len, float mu, float* o) {
+  const __m256 m8 = _mm256_set1_ps(mu);
+  int64_t t = 0;
+  for (; t + 8 <= len; t += 8) _mm256_storeu_ps(o + t, _mm256_sub_ps(_mm256_loadu_ps(p + t), m8));
+  for (; t < len; ++t) o[t] = p[t] - mu;
+}
+
+// o[t] = p[t·s] for t < len, s > 1 (a strided view: a stride-2 conv's input, a subsampled
+// map), prefetching the same run two channels ahead (at pf) one cache line at a time.
+__attribute__((target("avx2,fma"))) void gather_run(const float* p, int64_t s, int64_t len, float* o, const float* pf) {
+  for (int64_t b = 0; b < (len - 1) * s + 1; b += 16) _mm_prefetch(reinterpret_cast<const char*>(pf + b), _MM_HINT_T0);
+  int64_t t = 0;
+  if (s == 2)  // two loads and two shuffles per 8 (t + 9 ≤ len: never a load past the run's last element)
+    for (; t + 9 <= len; t += 8) {
+      const __m256 u = _mm256_loadu_ps(p + 2 * t), v = _mm256_loadu_ps(p + 2 * t + 8);
+      const __m256 e = _mm256_shuffle_ps(u, v, _MM_SHUFFLE(2, 0, 2, 0));  // u0 u2 v0 v2 | u4 u6 v4 v6
+      _mm256_storeu_ps(o + t, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(e), _MM_SHUFFLE(3, 1, 2, 0))));
+    }
+  for (; t < len; ++t) o[t] = p[t * s];
+}
+
+__attribute__((target("avx2,fma"))) void gram_fill_f32(const float* x, int64_t sC, int64_t sL, const GramRun* runs,
                                                        int64_t nruns, int64_t k, int64_t c0, int64_t c1, float* out,
                                                        int64_t ld, double* sums) {
   for (int64_t c = c0; c < c1; ++c) {
     const float* xc = x + c * sC;
-    // Four chains of double adds: one would wait on each add's latency.
-    __m256d a0 = _mm256_setzero_pd(), a1 = a0, a2 = a0, a3 = a0;
-    double tail = 0.0;
-    for (int64_t q = 0; q < nruns; ++q) {
-      const float* p = xc + runs[q].off;
-      const int64_t len = runs[q].len;
-      int64_t t = 0;
-      for (; t + 16 <= len; t += 16) {
-        // Channels lie 4 KiB or more apart, on pages of their own that the hardware
-        // prefetcher will not enter: fetch the channel after next meanwhile.
-        _mm_prefetch(reinterpret_cast<const char*>(p + 2 * sC + t), _MM_HINT_T0);
-        const __m256 u = _mm256_loadu_ps(p + t), v = _mm256_loadu_ps(p + t + 8);
-        a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(u)));
-        a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(u, 1)));
-        a2 = _mm256_add_pd(a2, _mm256_cvtps_pd(_mm256_castps256_ps128(v)));
-        a3 = _mm256_add_pd(a3, _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
-      }
-      for (; t + 4 <= len; t += 4) a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm_loadu_ps(p + t)));
-      for (; t < len; ++t) tail += p[t];
-    }
-    alignas(32) double lanes[4];
-    _mm256_store_pd(lanes, _mm256_add_pd(_mm256_add_pd(a0, a1), _mm256_add_pd(a2, a3)));
-    sums[c] = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + tail;
-    const float mu = static_cast<float>(sums[c] / double(k));
-    const __m256 m8 = _mm256_set1_ps(mu);
     float* row = out + c * ld;
-    for (int64_t q = 0; q < nruns; ++q) {
-      const float* p = xc + runs[q].off;
-      float* o = row + runs[q].j;
-      const int64_t len = runs[q].len;
-      int64_t t = 0;
-      for (; t + 8 <= len; t += 8) _mm256_storeu_ps(o + t, _mm256_sub_ps(_mm256_loadu_ps(p + t), m8));
-      for (; t + 4 <= len; t += 4) _mm_storeu_ps(o + t, _mm_sub_ps(_mm_loadu_ps(p + t), _mm256_castps256_ps128(m8)));
-      for (; t < len; ++t) o[t] = p[t] - mu;
+    __m256d acc[4] = {_mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd(), _mm256_setzero_pd()};
+    double tail = 0.0;
+    if (sL == 1) {
+      // Channels lie 4 KiB or more apart, on pages of their own that the hardware
+      // prefetcher will not enter: fetch the channel after next meanwhile. The row is
+      // then centred from the source, now in L1.
+      for (int64_t q = 0; q < nruns; ++q) add_run(xc + runs[q].off, runs[q].len, xc + 2 * sC + runs[q].off, acc, tail);
+      sums[c] = total(acc, tail);
+      const float mu = static_cast<float>(sums[c] / double(k));
+      for (int64_t q = 0; q < nruns; ++q) centre_run(xc + runs[q].off, runs[q].len, mu, row + runs[q].j);
+    } else {  // gathered into the row first, then summed and centred there
+      for (int64_t q = 0; q < nruns; ++q)
+        gather_run(xc + runs[q].off, sL, runs[q].len, row + runs[q].j, xc + 2 * sC + runs[q].off);
+      add_run(row, k, nullptr, acc, tail);
+      sums[c] = total(acc, tail);
+      centre_run(row, k, static_cast<float>(sums[c] / double(k)), row);
     }
     std::fill(row + k, row + ld, 0.0f);
   }
@@ -212,17 +240,17 @@ void gram_upper_add(const float* a, int64_t n, int64_t ld, double* c, int64_t i_
     }
 }
 
-void gram_fill_f32(const float* x, int64_t sC, const GramRun* runs, int64_t nruns, int64_t k, int64_t c0, int64_t c1,
-                   float* out, int64_t ld, double* sums) {
+void gram_fill_f32(const float* x, int64_t sC, int64_t sL, const GramRun* runs, int64_t nruns, int64_t k, int64_t c0,
+                   int64_t c1, float* out, int64_t ld, double* sums) {
   for (int64_t c = c0; c < c1; ++c) {
     double sum = 0.0;
     for (int64_t q = 0; q < nruns; ++q)
-      for (int64_t t = 0; t < runs[q].len; ++t) sum += x[c * sC + runs[q].off + t];
+      for (int64_t t = 0; t < runs[q].len; ++t) sum += x[c * sC + runs[q].off + t * sL];
     sums[c] = sum;
     const float mu = static_cast<float>(sum / double(k));
     float* row = out + c * ld;
     for (int64_t q = 0; q < nruns; ++q)
-      for (int64_t t = 0; t < runs[q].len; ++t) row[runs[q].j + t] = x[c * sC + runs[q].off + t] - mu;
+      for (int64_t t = 0; t < runs[q].len; ++t) row[runs[q].j + t] = x[c * sC + runs[q].off + t * sL] - mu;
     std::fill(row + k, row + ld, 0.0f);
   }
 }

@@ -33,17 +33,17 @@ const char* gram_kernel();
 constexpr int64_t kGramTile = 6;
 void gram_upper_add(const float* a, int64_t n, int64_t ld, double* c, int64_t i_begin, int64_t i_end);
 
-// One run of a chunk's observations that lie at stride 1 in memory: element offset of
-// its first observation (channel 0), its length, and its position in the chunk's rows.
+// One run of a chunk's observations, sL elements apart in memory: element offset of its
+// first observation (channel 0), its length, and its position in the chunk's rows.
 struct GramRun {
   int64_t off, len, j;
 };
 
 // Fills rows [c0, c1) of a channel-major chunk of k observations from float32 data with
-// channel stride sC: sums[c] = Σ x in double, then row c of out (row length ld) = x − μ_c
-// in float, μ_c = sums[c] / k, zero past k. A row is summed and then centred while it is
-// still in L1, so the data is read from memory once.
-void gram_fill_f32(const float* x, int64_t sC, const GramRun* runs, int64_t nruns, int64_t k, int64_t c0, int64_t c1,
-                   float* out, int64_t ld, double* sums);
+// channel stride sC and observation stride sL within a run: sums[c] = Σ x in double,
+// then row c of out (row length ld) = x − μ_c in float, μ_c = sums[c] / k, zero past k.
+// A row is centred while it is still in L1, so the data is read from memory once.
+void gram_fill_f32(const float* x, int64_t sC, int64_t sL, const GramRun* runs, int64_t nruns, int64_t k, int64_t c0,
+                   int64_t c1, float* out, int64_t ld, double* sums);
 
 }  // namespace afie

@@ -122,22 +122,24 @@ def threads(request):
 
 
 @pytest.mark.parametrize("channels", [520, 1030])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced", "every_second"])
 @pytest.mark.parametrize("compute_dtype", [torch.float64, torch.float32])
 def test_wide_layers_match_np_cov(gen, channels, layout, compute_dtype, threads):
     # ≥ 512 channels: BLAS's all-threads path (update_wide), except NCHW float32 products
-    # under 1024 channels (update_gram_wide); 4,800 observations per batch, several chunks.
+    # (update_gram_wide); 2,400-4,800 observations per batch, several chunks. "sliced" and
+    # "every_second" are float32 views (channels, columns apart).
     base = torch.randn(3, 2 * channels, 40, 40, generator=gen, dtype=torch.float64) * 2 + 5
-    y = {"contiguous": base[:, :channels],
-         "channels_last": base[:, :channels].contiguous(memory_format=torch.channels_last),
-         "sliced": base[:, ::2]}[layout].to(torch.float32)
+    y = {"contiguous": base[:, :channels].float(),
+         "channels_last": base[:, :channels].float().contiguous(memory_format=torch.channels_last),
+         "sliced": base.float()[:, ::2],
+         "every_second": base.float()[:, :channels, :, 1::2]}[layout]
     acc = af.CovarianceAccumulator(channels, compute_dtype=compute_dtype)
     parts = [y[:2], y[2:]]
     for p in parts:
         acc.update(p)
     mean, cov = reference.covariance(parts)
     tol = 1e-8 if compute_dtype == torch.float64 else 1e-5
-    assert acc.count == 3 * 1600
+    assert acc.count == y.shape[0] * y.shape[2] * y.shape[3]
     assert reference.rel_err(acc.covariance().numpy(), cov) <= tol
     assert reference.rel_err(acc.mean.numpy(), mean) <= 1e-8
     assert torch.equal(acc.comoment, acc.comoment.T)  # both triangles written
@@ -195,17 +197,25 @@ def test_avx2_kernel_where_avx512_runs_by_default():
 
 
 @pytest.mark.parametrize("channels", [1, 5, 13, 64, 200, 256, 301])
-@pytest.mark.parametrize("layout", ["contiguous", "sliced", "float16"])
+@pytest.mark.parametrize("layout", ["contiguous", "sliced", "every_second", "every_third", "float16"])
 def test_float32_products_match_np_cov(gen, channels, layout, threads):
     # Channel counts off the kernel's 3×4 tiles, maps of 13×11 (chunks end mid-image and
     # are not whole 8-wide steps), several chunks per thread for 64 and 200 channels and
     # two shared chunks, the second short, for 256 and 301 (update_gram_wide), means far
-    # from zero.
+    # from zero. The strided layouts are float32 views, as a stride-2 conv's input or a
+    # subsampled map reaches the core: "every_second" ends on the last float of the
+    # storage (the gather's wide loads must stop short of it), "every_third" takes the
+    # scalar gather, rows and images apart.
     base = torch.randn(24, 2 * channels, 13, 22, generator=gen, dtype=torch.float64)
     base = base * torch.rand(2 * channels, 1, 1, generator=gen, dtype=torch.float64) * 3 + 40
-    y = {"contiguous": base[:, :channels, :, :11].contiguous(), "sliced": base[:, ::2, :, ::2],
-         "float16": base[:, :channels, :, :11].contiguous()}[layout]
-    y = y.to(torch.float16 if layout == "float16" else torch.float32)
+    f32 = base.float()
+    y = {"contiguous": base[:, :channels, :, :11].contiguous().float(),
+         "sliced": base[:, ::2, :, ::2].float(),  # dense again after the cast
+         "every_second": f32[:, 1::2, :, 1::2],
+         "every_third": f32[:, :channels, ::2, ::3],
+         "float16": base[:, :channels, :, :11].contiguous().half()}[layout]
+    if layout.startswith("every"):
+        assert not y.is_contiguous() and y.stride(3) > 1
     acc = af.CovarianceAccumulator(channels, compute_dtype=torch.float32)
     check_stream_matches_np_cov(acc, y, gen, cov_tol=2e-5, parts=3)
     assert torch.equal(acc.comoment, acc.comoment.T)
