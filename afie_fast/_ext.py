@@ -30,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - depends on how the package was 
 
 __all__ = ["_C", "threads", "comoments_update", "comoments_merge", "eigh", "eigh_many", "singular_values",
            "leave_one_out", "congruence", "congruence_reduced",
-           "spectrum_entropy"]
+           "spectrum_entropy", "gram_upper_add"]
 
 
 def threads() -> int:
@@ -138,3 +138,10 @@ def congruence_reduced(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[t
 def spectrum_entropy(s: torch.Tensor) -> float:
     """AFIE's entropy K of a spectrum (DESIGN §2)."""
     return _C.spectrum_entropy(s.detach().to(torch.float64).contiguous())
+
+
+def gram_upper_add(a: torch.Tensor, c: torch.Tensor) -> None:
+    """c += the upper triangle of a[:n]·a[:n]ᵀ in place (c [n, n] float64; a float32, rows
+    padded with zeros to a multiple of 24, row length a multiple of 16): the co-moment
+    kernel alone, on the calling thread (``_C.gram_kernel()`` says which)."""
+    _C.gram_upper_add(a, c)

@@ -7,11 +7,17 @@
    torch: permute to (C, N·H·W), centre, float32 x @ x.T, float64 Chan merge.
 2. Eigensolve: the C×C covariance of each VGG-16 layer, afie_fast (LAPACK dsyevd) vs
    torch.linalg.eigvalsh, float64.
+3. The co-moment kernel alone, one thread: csrc/gram.cpp's upper triangle of A·Aᵀ for a
+   centred chunk A of C channels × 512 observations, against torch's SGEMM of the same
+   A @ A.T, interleaved in rounds. "useful": the C(C+1)/2 products of a triangle, what
+   either needs; SGEMM also computes the other half, so its own rate is twice its
+   useful one.
 
-    python benchmarks/bench_core.py      # 2 threads, medians of 7
+    python benchmarks/bench_core.py      # 2 threads (1 for the kernel table), medians of 7
 """
 from __future__ import annotations
 
+import statistics
 import sys
 from pathlib import Path
 
@@ -20,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import afie_fast as af  # noqa: E402
 from afie_fast import _ext  # noqa: E402
-from _timing import median_time, table  # noqa: E402
+from _timing import interleaved, median_time, table  # noqa: E402
 
 # VGG-16 on CIFAR (32×32), batch 64: (channels, spatial side) of its conv stages.
 SHAPES = [(64, 32), (128, 16), (256, 8), (512, 4), (512, 2)]
@@ -43,6 +49,25 @@ class TorchAccumulator:
         self.m2 += m2b + torch.outer(delta, delta) * (self.n * nb / n)
         self.mean += delta * (nb / n)
         self.n = n
+
+
+def kernel_rates(g: torch.Generator, ld: int = 512, rounds: int = 15) -> str:
+    """Section 3: GMAC/s of the kernel and of SGEMM, one thread, medians of interleaved rounds."""
+    torch.set_num_threads(1)
+    rows = []
+    for c in (64, 128, 256, 512, 768, 1024):
+        a = torch.zeros(-(-c // 24) * 24, ld)
+        a[:c] = torch.randn(c, ld, generator=g)
+        x = a[:c].clone()
+        out = torch.zeros(c, c, dtype=torch.float64)
+        t = interleaved({"kernel": lambda: _ext.gram_upper_add(a, out), "sgemm": lambda: x @ x.T}, rounds)
+        useful = c * (c + 1) / 2 * ld
+        k, s = statistics.median(t["kernel"]), statistics.median(t["sgemm"])
+        rows.append([f"C={c}, {ld} observations", f"{useful / k / 1e9:.1f}", f"{useful / s / 1e9:.1f}",
+                     f"{c * c * ld / s / 1e9:.1f}", f"{s / k:.2f}×"])
+    torch.set_num_threads(2)
+    return table(["chunk", f"kernel ({_ext._C.gram_kernel()}) useful GMAC/s", "SGEMM useful GMAC/s",
+                  "SGEMM own GMAC/s", "kernel speed-up"], rows)
 
 
 def main() -> None:
@@ -74,6 +99,8 @@ def main() -> None:
     print(f"afie_fast {af.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{af.backend_info()['blas_config']}")
     print(table(["operation", "afie_fast ms", "afie_fast GFLOP/s", "torch ms", "speed-up"], rows))
+    print("\nThe co-moment kernel alone, one thread (section 3):")
+    print(kernel_rates(g))
 
 
 if __name__ == "__main__":

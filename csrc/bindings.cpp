@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <optional>
@@ -291,6 +292,24 @@ void singular_values(py::handle m_o, py::handle s_o, int threads) {
   afie::singular_values_cpu(m.shape[0], m.shape[1], ptr<double>(m), ptr<double>(s), threads);
 }
 
+// The co-moment kernel alone (benchmarks/bench_core.py times it, the tests check it).
+void gram_upper_add(py::handle a_o, py::handle c_o) {
+  Buffer a(a_o, "a"), c(c_o, "c");
+  a.expect_dtype(DType::f32), a.expect_cpu("gram_upper_add"), a.expect_contiguous();
+  c.expect_dtype(DType::f64), c.expect_contiguous(), c.expect_same_device(a);
+  const int64_t n = c.ndim() == 2 ? c.shape[0] : -1;
+  if (n < 0 || c.shape[1] != n) throw py::value_error("c: expected a square matrix, got shape " + Buffer::fmt(c.shape));
+  const int64_t rows = (n + afie::kGramRows - 1) / afie::kGramRows * afie::kGramRows;
+  if (a.ndim() != 2 || a.shape[0] != rows || a.shape[1] % afie::kGramCols != 0)
+    throw py::value_error("a: expected [" + std::to_string(rows) + ", a multiple of " + std::to_string(afie::kGramCols) +
+                          "] for a " + std::to_string(n) + "-row c, got " + Buffer::fmt(a.shape));
+  const float* pa = ptr<float>(a);
+  if (std::any_of(pa + n * a.shape[1], pa + rows * a.shape[1], [](float v) { return v != 0.0f; }))
+    throw py::value_error("a: its padding rows (from row " + std::to_string(n) + ") must be zero");
+  py::gil_scoped_release nogil;
+  afie::gram_upper_add(pa, n, a.shape[1], ptr<double>(c), 0, n);
+}
+
 void leave_one_out(py::handle w_o, py::handle v_o, py::handle out_o, int threads) {
   Buffer w(w_o, "w"), v(v_o, "v"), out(out_o, "out");
   w.expect_dtype(DType::f64), w.expect_cpu("leave_one_out"), w.expect_contiguous();
@@ -423,6 +442,9 @@ PYBIND11_MODULE(_C, m) {
         "costliest first over the threads.");
   m.def("spectrum_entropy", &spectrum_entropy, py::arg("s"), "AFIE entropy K of a spectrum s [p] (float64).");
   m.def("blas_info", &blas_info);
+  m.def("gram_upper_add", &gram_upper_add, py::arg("a"), py::arg("c"),
+        "c [n, n] (float64) += the upper triangle of a·aT, a [n rounded up to 24, a multiple of 16] float32 with "
+        "zero padding rows: the co-moment kernel alone, on this thread.");
   m.def("gram_kernel", &afie::gram_kernel,
         "The kernel of csrc/gram.cpp that narrow float32 co-moments run on: avx512, avx2 or none (BLAS)");
 }

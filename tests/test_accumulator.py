@@ -178,6 +178,36 @@ def test_gram_kernel_is_the_widest_the_cpu_has():
     assert af.backend_info()["comoment_kernel"] == want
 
 
+@pytest.mark.parametrize("n,ld", [(1, 16), (5, 48), (24, 16), (25, 512), (67, 272), (130, 64)])
+def test_gram_kernel_alone_adds_the_upper_triangle(gen, n, ld):
+    # The kernel bench_core.py times: rows off its 6×4 tiles and its 24-row padding, rows
+    # of one to 32 AVX-512 steps; c starts random (the kernel adds) and its lower triangle
+    # must stay as it was. Reference: float64 products, error bound from |a|·|a|ᵀ.
+    from afie_fast import _ext
+
+    rows = -(-n // 24) * 24
+    a = torch.zeros(rows, ld)
+    a[:n] = torch.randn(n, ld, generator=gen) + 2.0
+    c0 = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    c = c0.clone()
+    _ext.gram_upper_add(a, c)
+    a64 = a[:n].double()
+    want = c0 + torch.triu(a64 @ a64.T)
+    bound = 1e-5 * torch.triu(a64.abs() @ a64.abs().T) + 1e-12
+    assert ((c - want).abs() <= bound).all()
+    assert torch.equal(torch.tril(c, -1), torch.tril(c0, -1))
+
+
+def test_gram_kernel_alone_checks_its_arguments():
+    from afie_fast import _ext
+
+    c = torch.zeros(5, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"a: expected \[24, a multiple of 16\]"):
+        _ext.gram_upper_add(torch.zeros(5, 16), c)
+    with pytest.raises(ValueError, match="padding rows .* must be zero"):
+        _ext.gram_upper_add(torch.ones(24, 16), c)
+
+
 def test_avx2_kernel_where_avx512_runs_by_default():
     # Machines with AVX-512 would otherwise never run the AVX2 kernel that other CPUs use:
     # the float32-products tests again, in a process that asks for AVX2.
@@ -191,7 +221,7 @@ def test_avx2_kernel_where_avx512_runs_by_default():
                            env=env, capture_output=True, text=True, check=True, cwd=here)
     assert probe.stdout.strip() == "avx2"
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                          "-k", "float32_products_match_np_cov"], env=env, capture_output=True, text=True, cwd=here)
+                          "-k", "float32_products_match_np_cov or gram_kernel_alone"], env=env, capture_output=True, text=True, cwd=here)
     assert run.returncode == 0, run.stdout[-3000:]
     assert " passed" in run.stdout
 
