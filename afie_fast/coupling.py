@@ -380,6 +380,37 @@ def _index_mapping(failed: list, nodes: list | None = None):
 
 
 @contextlib.contextmanager
+def _own_parameters_follow():
+    """A conv subclass's own parameters and buffers of one entry per filter, which
+    Torch-Pruning's conv pruner (weight and bias only) leaves alone, cut with its filters:
+    the gain of weight standardisation (timm's ScaledStdConv2d in NF-Nets, (out, 1, 1, 1)),
+    a per-filter scale."""
+    real = tp.dependency.Dependency.__call__
+
+    def call(dep, idxs):
+        layer = dep.target.module
+        before = layer.out_channels if isinstance(layer, Conv) and not layer.transposed else None
+        result = real(dep, idxs)
+        if before is not None and layer.out_channels < before:
+            gone = set(tp._helpers.to_plain_idxs(idxs))
+            keep = torch.tensor([i for i in range(before) if i not in gone], dtype=torch.long)
+            for name, t in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]:
+                if name not in ("weight", "bias") and t is not None and t.dim() > 0 and t.shape[0] == before:
+                    cut = t.data.index_select(0, keep.to(t.device))
+                    if isinstance(t, nn.Parameter):
+                        setattr(layer, name, nn.Parameter(cut, requires_grad=t.requires_grad))
+                    else:
+                        layer.register_buffer(name, cut, persistent=name not in layer._non_persistent_buffers_set)
+        return result
+
+    tp.dependency.Dependency.__call__ = call
+    try:
+        yield
+    finally:
+        tp.dependency.Dependency.__call__ = real
+
+
+@contextlib.contextmanager
 def _each_channel_once():
     """Layers cut with each index once. A layer reached from several root channels (a
     selective kernel's paths, from each path's copy of the attention) holds an index per
@@ -444,7 +475,7 @@ class Graph:
             # Torch-Pruning rebuilds the group for the current widths (concat offsets move as
             # other units are cut), re-mapping only the nodes the group passes through.
             nodes = list(dict.fromkeys(item.dep.target for item in unit.group if item.dep.target.type in _UPDATERS))
-            with _index_mapping([], nodes=nodes), _each_channel_once():
+            with _index_mapping([], nodes=nodes), _own_parameters_follow(), _each_channel_once():
                 self.dg.get_pruning_group(unit.root, unit.handler, idxs).prune()
             return
         # Every member maps the root's channels one to one, so the cut is the whole group
@@ -455,12 +486,12 @@ class Graph:
             cut = [i for i in item.idxs if i in keep]
             if cut:
                 group.add_dep(item.dep, cut)
-        with _each_channel_once():
+        with _own_parameters_follow(), _each_channel_once():
             group.prune()
 
     def replay(self, history: list) -> None:
         """Redo a pruning history (save/load) on a fresh copy of the model."""
-        with _index_mapping([]), _each_channel_once():
+        with _index_mapping([]), _own_parameters_follow(), _each_channel_once():
             self.dg.load_pruning_history(history)
 
 
@@ -477,6 +508,7 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> Graph:
     with _index_mapping(failed), torch.inference_mode(False), torch.enable_grad():
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs.clone(), forward_fn=forward,
                                                    verbose=False)
+    _drop_parameter_paths(dg)
     chained = _layout_chains(dg, recorder)
     opaque: dict[Any, str] = {n: f"a channel {_KIND.get(n.type, 'coupling')} Torch-Pruning cannot map"
                               for n in failed if n not in chained}
@@ -513,6 +545,37 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> Graph:
                 if dep.target is node:
                     dep.index_mapping = [None, None]
     return Graph(dg, opaque)
+
+
+def _drop_parameter_paths(dg: tp.DependencyGraph) -> None:
+    """Remove the operation nodes that no activation reaches: ops on a layer's own
+    parameters on their way into its forward, as weight standardisation writes them
+    (timm's ScaledStdConv2d in NF-Nets: the weight reshaped to (1, out, -1), normalised,
+    reshaped back). Torch-Pruning traces them like activations, so their reshape looked
+    like a channel reshape it cannot map and left every such conv whole; the parameters
+    are the layer's own and shrink with it. An operation node without inputs starts such
+    a path (a parameter Torch-Pruning does not track itself, or the model's input, whose
+    channels are never cut either); every operation fed only by such nodes joins it.
+    Layers and the parameters Torch-Pruning tracks (layer scales) are never removed."""
+    def is_op(node) -> bool:
+        return type(node.module).__module__.startswith("torch_pruning") and node.type != OPTYPE.PARAMETER
+
+    dropped: set = set()
+    frontier = [n for n in dg.module2node.values() if is_op(n) and not n.inputs]
+    while frontier:
+        node = frontier.pop()
+        if node in dropped or not is_op(node) or any(i not in dropped for i in node.inputs):
+            continue
+        dropped.add(node)
+        frontier.extend(node.outputs)
+    if not dropped:
+        return
+    for node in dg.module2node.values():
+        node.inputs = [n for n in node.inputs if n not in dropped]
+        node.outputs = [n for n in node.outputs if n not in dropped]
+        node.dependencies = [d for d in node.dependencies if d.target not in dropped and d.source not in dropped]
+    for module in [m for m, n in dg.module2node.items() if n in dropped]:
+        del dg.module2node[module]
 
 
 def _layout_chains(dg: tp.DependencyGraph, recorder: _ShapeRecorder) -> dict[Any, str]:

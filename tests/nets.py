@@ -553,6 +553,37 @@ class TokenMixer(nn.Module):
         return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
 
 
+class StdConv(nn.Conv2d):
+    """Weight standardisation as NF-Nets write it (timm's ScaledStdConv2d): the weight
+    reshaped to (1, out, -1), normalised per filter by batch_norm, scaled by a per-filter
+    gain parameter of its own, reshaped back, on every forward."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.rand(self.out_channels, 1, 1, 1) + 0.5)
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None,
+                         weight=self.gain.view(-1), training=True, momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class NormFree(nn.Module):
+    """An NF-Net-style residual block on weight-standardised convs, no BatchNorm."""
+
+    def __init__(self, c=12):
+        super().__init__()
+        self.stem = StdConv(3, c, 3, padding=1)
+        self.conv1, self.conv2 = StdConv(c, 2 * c, 1), StdConv(2 * c, c, 3, padding=1)
+        self.conv = StdConv(c, 8, 1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.gelu(self.stem(x))
+        x = x + 0.2 * self.conv2(F.gelu(self.conv1(x)))
+        return self.head(F.gelu(self.conv(x)).mean(dim=(2, 3)))
+
+
 class HiddenTie(nn.Module):
     """A width tied in forward code, out of the graph's sight (EdgeNeXt's transposed
     attention reshapes its heads' output to the input width read from ``x.shape``): cutting
@@ -587,7 +618,8 @@ af.register_split(SplitTransposeBlock, sizes=lambda m: [m.convs[0].in_channels] 
 MOTIFS = {"conv_head": ConvHead, "seg_head": SegHead, "shuffle": ShuffleNetBlock, "ghost": GhostBlock,
           "ghost_se": GhostSE, "mixconv": MixConv, "resnext": ResNeXtBlock, "cat_residual": CatResidual,
           "mixnet": MixNetBlock, "res2net": Res2Net, "sknet": SKNet, "resnest": ResNeSt,
-          "rep_branches": RepBranches, "tf_same": TFSame, "split_transpose": SplitTranspose, "tokens": TokenMixer}
+          "rep_branches": RepBranches, "tf_same": TFSame, "split_transpose": SplitTranspose, "tokens": TokenMixer,
+          "norm_free": NormFree}
 
 
 class Expansions(nn.Module):
