@@ -34,6 +34,9 @@ void AFIE_BLAS(ssyevd_)(const char* jobz, const char* uplo, const int* n, float*
 void AFIE_BLAS(dgesdd_)(const char* jobz, const int* m, const int* n, double* a, const int* lda,
                         double* s, double* u, const int* ldu, double* vt, const int* ldvt,
                         double* work, const int* lwork, int* iwork, int* info, size_t);
+void AFIE_BLAS(dtrmm_)(const char* side, const char* uplo, const char* transa, const char* diag, const int* m,
+                       const int* n, const double* alpha, const double* a, const int* lda, double* b, const int* ldb,
+                       size_t, size_t, size_t, size_t);
 void AFIE_BLAS(dpotrf_)(const char* uplo, const int* n, double* a, const int* lda, int* info, size_t);
 void AFIE_BLAS(dpstrf_)(const char* uplo, const int* n, double* a, const int* lda, int* piv, int* rank,
                         const double* tol, double* work, int* info, size_t);

@@ -216,15 +216,20 @@ void congruence_reduced_one(const CongruenceJob& job) {
   // that reaches them, however ill-conditioned W is. A singular G (an input channel no
   // filter reads) takes the pivoted, rank-revealing Cholesky; R's other rows stay 0.
   const int k = int(K);
-  std::vector<double> g(size_t(K) * K, 0.0), r(size_t(K) * K, 0.0);
+  std::vector<double> g(size_t(K) * K, 0.0);
   blas::syrk("N", k, int(C), w, k, g.data(), k);  // column-major lower of (Wᵀ)(Wᵀ)ᵀ
   std::vector<double> l = g;
   int info = 0;
   AFIE_BLAS(dpotrf_)("L", &k, l.data(), &k, &info, 1);
   if (info == 0) {
-    for (int64_t i = 0; i < K; ++i)  // column-major lower L is row-major upper Lᵀ = R
-      for (int64_t j = i; j < K; ++j) r[size_t(i) * K + j] = l[size_t(i) * K + j];
-  } else {  // Pᵀ G P = L Lᵀ on the first `rank` columns: R = Lᵀ Pᵀ
+    // R = Lᵀ is triangular: M = R A Rᵀ as two triangular products, half a GEMM's flops
+    // each. Column-major, l's lower triangle is L = Rᵀ: M := A·L, then M := Lᵀ·M.
+    const double one = 1.0;
+    std::copy(a, a + K * K, job.m);
+    AFIE_BLAS(dtrmm_)("R", "L", "N", "N", &k, &k, &one, l.data(), &k, job.m, &k, 1, 1, 1, 1);
+    AFIE_BLAS(dtrmm_)("L", "L", "T", "N", &k, &k, &one, l.data(), &k, job.m, &k, 1, 1, 1, 1);
+  } else {  // Pᵀ G P = L Lᵀ on the first `rank` columns: R = Lᵀ Pᵀ, not triangular
+    std::vector<double> r(size_t(K) * K, 0.0);
     l = g;
     std::vector<int> piv(static_cast<size_t>(K));
     std::vector<double> work(2 * size_t(K));
@@ -234,9 +239,9 @@ void congruence_reduced_one(const CongruenceJob& job) {
     if (info < 0) check_info(info, "dpstrf");
     for (int64_t i = 0; i < rank; ++i)
       for (int64_t j = i; j < K; ++j) r[size_t(i) * K + (piv[j] - 1)] = l[j + size_t(i) * K];
+    const std::vector<double> ra = times_a(K, K, a, r.data());
+    blas::gemm("T", "N", int(K), int(K), int(K), ra.data(), int(K), r.data(), int(K), job.m, int(K));
   }
-  const std::vector<double> ra = times_a(K, K, a, r.data());
-  blas::gemm("T", "N", int(K), int(K), int(K), ra.data(), int(K), r.data(), int(K), job.m, int(K));
   symmetrise(K, job.m);
 }
 
