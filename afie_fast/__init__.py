@@ -8,7 +8,7 @@ from .report import AFIEReport, LayerScore
 from .pruning import AFIEImportance, PruneStats, prune
 from .saving import load_pruned, save_pruned
 from .scoring import score
-from .splits import register_split
+from .handlers import register_heads, register_split
 
 try:
     __version__ = _version("afie_fast")
@@ -18,5 +18,5 @@ except PackageNotFoundError:  # pragma: no cover
     __version__ = _core.__version__
 
 __all__ = ["AFIEImportance", "AFIEReport", "CovarianceAccumulator", "LayerScore", "PruneStats", "afie_from_spectrum",
-           "backend_info", "load_pruned", "prune", "recalibrate_bn", "register_split", "save_pruned", "score",
-           "__version__"]
+           "backend_info", "load_pruned", "prune", "recalibrate_bn", "register_heads", "register_split", "save_pruned",
+           "score", "__version__"]

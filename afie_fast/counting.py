@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from .handlers import heads_handler
 from .layers import Conv
 
 _aten = torch.ops.aten
@@ -115,10 +116,13 @@ class Counting:
         self.calls: dict[str, int] = {}
         self.macs: dict[str, int] = {}
         self.shape, self.inputs, self.hooks = [], [], []
+        self.own: dict[str, float] = {}  # attention heads' own matmuls (see _heads_hooks)
         for name, m in self.model.named_modules():
             if isinstance(m, (Conv, nn.Linear)):
                 self.calls[name] = self.macs[name] = 0
                 self.hooks.append(m.register_forward_hook(self._layer_hook(name)))
+            elif self.per_layer and self.dispatch and heads_handler(m) is not None:
+                self.hooks += self._heads_hooks(name, m)
 
         def top(_m, args, out):
             self.inputs.append(len(args[0]) if args and hasattr(args[0], "__len__") else 1)
@@ -139,6 +143,20 @@ class Counting:
                 self.macs[name] += linear_macs(module, out)
         return hook
 
+    def _heads_hooks(self, name: str, module: nn.Module) -> list:
+        """An attention with a heads handler: the FLOPs of its forward beyond its own conv
+        and linear layers (the heads' matmuls, which narrow with them), as one more layer."""
+        inside = [f"{name}.{n}" for n, m in module.named_modules() if isinstance(m, (Conv, nn.Linear))]
+        start: list[float] = []
+
+        def before(_m, _args):
+            start.append(self.flops.total - 2 * sum(self.macs[n] for n in inside))
+
+        def after(_m, _args, _out):
+            own = self.flops.total - 2 * sum(self.macs[n] for n in inside) - start.pop()
+            self.own[name] = self.own.get(name, 0.0) + own / 2
+        return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+
     def __exit__(self, exc_type, *exc) -> None:
         try:
             if self.flops is not None:
@@ -156,6 +174,7 @@ class Counting:
             for n, m in self.model.named_modules():
                 if isinstance(m, (Conv, nn.Linear, nn.modules.batchnorm._BatchNorm)):
                     layers[n] = (self.macs.get(n, 0) * per_input, float(sum(p.numel() for p in m.parameters())))
+            layers.update((n, (macs * per_input, 0.0)) for n, macs in self.own.items())
         by_layers = 2 * sum(self.macs.values())
         flops = self.flops.total if self.flops is not None else by_layers
         params = sum(p.numel() for p in self.model.parameters())

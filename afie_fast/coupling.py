@@ -21,7 +21,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .layers import Conv, width
-from .splits import handler_for
+from .handlers import heads_handler, split_handler
 
 OPTYPE = tp.ops.OPTYPE
 # torch functions whose output shape decides whether channels keep their meaning.
@@ -43,6 +43,9 @@ class Unit:
     ``parts``: root channels that one layer holds only some of (the convs whose outputs a
     concat joins, as MixConv's projection feeding a residual stream; the convs a split
     feeds), each of which must keep one channel, or that layer would be left with none.
+
+    ``multiple``: the kept width must be a multiple of it (the heads of an attention that
+    reads the channels: afie_fast.handlers.register_heads).
     """
 
     root: nn.Module
@@ -54,11 +57,12 @@ class Unit:
     group: Any = None  # Torch-Pruning's, for all the root's channels
     fixed: bool = False  # whether no other unit's cut can change the group's index mapping
     parts: list[frozenset[int]] = field(default_factory=list)
+    multiple: int = 1
 
     @property
     def keep(self) -> int:
-        """The fewest root channels a cut may leave: one per channel group, one per part."""
-        return max(self.channel_groups, len(self.parts))
+        """The fewest root channels a cut may leave: one per channel group, part and head."""
+        return max(self.channel_groups, len(self.parts), self.multiple)
 
 
 class _ShapeRecorder(TorchFunctionMode):
@@ -79,7 +83,7 @@ class _ShapeRecorder(TorchFunctionMode):
     def watching_modules(self):
         """Keep ``handled`` current with global module hooks while the model runs."""
         def enter(module, _args):
-            if handler_for(module) is not None:
+            if split_handler(module) is not None:
                 self.handled.append(module)
 
         def leave(module, _args, _out):
@@ -509,6 +513,7 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> Graph:
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs.clone(), forward_fn=forward,
                                                    verbose=False)
     _drop_parameter_paths(dg)
+    _map_channel_concats(dg, recorder)
     chained = _layout_chains(dg, recorder)
     opaque: dict[Any, str] = {n: f"a channel {_KIND.get(n.type, 'coupling')} Torch-Pruning cannot map"
                               for n in failed if n not in chained}
@@ -545,6 +550,18 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> Graph:
                 if dep.target is node:
                     dep.index_mapping = [None, None]
     return Graph(dg, opaque)
+
+
+def _map_channel_concats(dg: tp.DependencyGraph, recorder: _ShapeRecorder) -> None:
+    """Torch-Pruning turns off the index mapping of every concat and split downstream of a
+    3-D parameter (its guard for ViT's class token, concatenated along the tokens), which
+    EdgeNeXt's attention temperature (heads, 1, 1) also is: concats and splits of channels
+    on dim 1, as a conv makes them, are mapped again."""
+    memo: dict = {}
+    for node in dg.module2node.values():
+        if node.type in (OPTYPE.CONCAT, OPTYPE.SPLIT) and not node.enable_index_mapping:
+            dims = {_channel_dim(n, recorder, memo) for n in node.inputs} - {None}  # a split's part: not known
+            node.enable_index_mapping = dims == {1}
 
 
 def _drop_parameter_paths(dg: tp.DependencyGraph) -> None:
@@ -705,7 +722,7 @@ def _replayed_channel_dim(node, recorder: _ShapeRecorder, dim_in: int | None, sh
 def _handled_split(node, owner: nn.Module | None, shape_in: tuple[int, ...]) -> bool:
     """Mark a split whose module has a handler (whose sizes it can read, and whose every
     output reads one part) to be mapped part by part; whether it was."""
-    handler = handler_for(owner) if owner is not None else None
+    handler = split_handler(owner) if owner is not None else None
     if handler is None or node.type != OPTYPE.SPLIT or len(shape_in) < 2:
         return False
     if sum(handler.sizes(owner)) != shape_in[1] or any(_split_part(node, out) is None for out in node.outputs):
@@ -761,6 +778,7 @@ def find_units(graph: Graph, groups: list, layers: Iterable[str], prune_residual
     """The prunable units among ``groups`` (from :meth:`Graph.groups`), and every layer of
     ``layers`` left whole with the reason."""
     dg, names, layers = graph.dg, graph.names, set(layers)
+    heads = _attention_layers(dg.model)
     units, skipped = [], {}
     for root, group, reason, mirrors in groups:
         if group is None:
@@ -770,6 +788,9 @@ def find_units(graph: Graph, groups: list, layers: Iterable[str], prune_residual
         members = _members(graph, group, layers)
         if not members:
             continue
+        touched = _touched(dg, group)
+        multiple, heads_why = _heads_follow(touched, heads)
+        reason = heads_why or reason  # the heads' own channels: whatever else their graph shows
         if reason == _TIED:  # a cause found on the way (an opaque node: the ties' origin) says more
             reason = _why_whole(graph, group, members, layers, prune_residual) or _TIED
         reason = reason or _why_whole(graph, group, members, layers, prune_residual)
@@ -780,8 +801,38 @@ def find_units(graph: Graph, groups: list, layers: Iterable[str], prune_residual
             skipped.update((m[0], reason) for m in members if m[0] in layers)
             continue
         units.append(Unit(group[0].dep.target.module, group[0].dep.handler, members, len(group[0].idxs), g,
-                          _touched(dg, group), group, _fixed_mapping(group), _parts(group)))
+                          touched, group, _fixed_mapping(group), _parts(group), multiple))
     return units, skipped
+
+
+def _attention_layers(model: nn.Module) -> dict[nn.Module, tuple[str, nn.Module, int, nn.Module]]:
+    """The projections of every attention with a heads handler: layer -> ("qkv" or
+    "proj", the other projection, the heads, the attention)."""
+    found = {}
+    for module in model.modules():
+        handler = heads_handler(module)
+        if handler is not None:
+            qkv, proj, h = handler.qkv(module), handler.proj(module), handler.heads(module)
+            found[qkv], found[proj] = ("qkv", proj, h, module), ("proj", qkv, h, module)
+    return found
+
+
+def _heads_follow(touched: list, heads: dict) -> tuple[int, str | None]:
+    """For a group that an attention's input or output (``heads``, from _attention_layers)
+    is part of: the multiple of its heads its kept width must be, with the heads' own
+    layers added to ``touched`` (they narrow with it: afie_fast.handlers.HeadsHandler);
+    or why it stays whole (the heads themselves, which follow the input's width)."""
+    multiple = 1
+    for module, side, n in list(touched):
+        role, other, h, attention = heads.get(module, (None, None, 1, None))
+        if (role, side) in (("qkv", "out"), ("proj", "in")):
+            return 1, "an attention's heads (they follow the width it reads: afie_fast.register_heads)"
+        if role is not None:
+            multiple = math.lcm(multiple, h)
+        if (role, side) == ("qkv", "in"):  # the heads' matmuls too (counting.Counting), as one layer
+            touched += [(module, "out", n * module.out_features // module.in_features), (other, "in", n),
+                        (attention, "out", n)]
+    return multiple, None
 
 
 def _members(graph: Graph, group, layers: set[str]) -> list[tuple[str, list[int], list[int]]]:

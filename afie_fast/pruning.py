@@ -18,7 +18,7 @@ from .counting import Counting, Measured
 from .layers import Conv, Layer, layers_of, width
 from .coupling import RESIDUAL, Graph, Unit, build_graph, find_units, is_out_conv
 from .saving import pruning_plan
-from .splits import refresh
+from .handlers import heads_handler, refresh
 from .report import DEFAULT_DEGENERATE, DEGENERATE, MAX_RATIO, AFIEReport, allocate_ratios, round_counts, text_table
 from .scoring import l1_scores, scoring_mode
 
@@ -172,6 +172,9 @@ class _CostModel:
 
 
 def _dims(module: nn.Module) -> tuple[int, int | None]:
+    heads = heads_handler(module)
+    if heads is not None:  # its matmuls: by the heads' width, as a layer of that many filters
+        return heads.proj(module).in_features, None
     if isinstance(module, Conv):
         return module.out_channels, module.in_channels
     if isinstance(module, nn.Linear):
@@ -191,10 +194,18 @@ def _plan(units: list[Unit], report: AFIEReport, filter_target: float, allocatio
               else {k: filter_target for k in afies})  # "uniform": the baseline the paper beats
     caps = {key(i): u.width - u.keep for i, u in enumerate(units)}
     counts = round_counts({k: ratios[k] * w for k, (_, w) in afies.items()}, caps, round(filter_target * total))
-    # A grouped unit loses whole positions of its G groups: a multiple of G filters.
-    counts = [counts[key(i)] // u.channel_groups * u.channel_groups for i, u in enumerate(units)]
+    counts = [_whole_positions(u, counts[key(i)]) for i, u in enumerate(units)]
     macs, params = cost.predict(counts)
     return _Plan(counts, filter_target, sum(counts) / total, macs, params)
+
+
+def _whole_positions(unit: Unit, k: int) -> int:
+    """The most filters up to ``k`` the unit can lose: a grouped unit loses whole positions
+    of its G groups (a multiple of G), and one read by attention heads keeps a multiple of
+    them."""
+    while k % unit.channel_groups or (unit.width - k) % unit.multiple:
+        k -= 1
+    return k
 
 
 def _flat(unit: Unit, report: AFIEReport) -> bool:

@@ -15,7 +15,7 @@ from .copying import copy_model
 from .coupling import build_graph
 from .layers import Conv, layers_of, width
 from .scoring import scoring_mode
-from .splits import refresh
+from .handlers import refresh
 
 PLAN_FORMAT = "afie_fast.pruned"
 PLAN_VERSION = 3  # 2: Linear layers in "layers", state-dict metadata; 3: every conv kind in "layers"

@@ -553,6 +553,66 @@ class TokenMixer(nn.Module):
         return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
 
 
+class TransposedAttention(nn.Module):
+    """EdgeNeXt's cross-covariance attention (timm's CrossCovarianceAttn): q, k and v from
+    one Linear, read as (3, heads, C / heads); each head attends between its channels over
+    the tokens; the heads' output is reshaped to the input's width C, read from x.shape."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.num_heads = heads
+        self.temperature = nn.Parameter(torch.rand(heads, 1, 1) + 0.5)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, -1).permute(2, 0, 3, 4, 1).unbind(0)
+        attn = (F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)) * self.temperature
+        return self.proj((attn.softmax(-1) @ v).permute(0, 3, 1, 2).reshape(b, n, c))
+
+
+class SelfAttention(nn.Module):
+    """ViT's multi-head self-attention as hybrid CNNs run it on a stage's tokens: the heads'
+    output is reshaped to (B, N, C), C read from x.shape. Taught to prune by the user,
+    below (README "Attention heads")."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1) * self.scale).softmax(-1)
+        return self.out((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+class AttentionStage(nn.Module):
+    """A conv stage whose tokens pass both attentions, each added to the stream: the heads
+    must narrow with the stream (afie_fast.register_heads), in equal numbers. Then two
+    convs concatenated: a concat downstream of a 3-D parameter (the temperature), which
+    Torch-Pruning alone leaves unmapped (its guard for ViT's class token)."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.stem = nn.Conv2d(3, dim, 3, padding=1)
+        self.xca, self.sa = TransposedAttention(dim, 4), SelfAttention(dim, 2)
+        self.left, self.right = nn.Conv2d(dim, 8, 1), nn.Conv2d(dim, 8, 3, padding=1)
+        self.conv = nn.Conv2d(16, 16, 1)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        b, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)
+        t = t + self.xca(t)
+        t = t + self.sa(t)
+        x = t.transpose(1, 2).reshape(b, c, h, w)
+        x = torch.relu(torch.cat([self.left(x), self.right(x)], 1))
+        return self.head(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
 class StdConv(nn.Conv2d):
     """Weight standardisation as NF-Nets write it (timm's ScaledStdConv2d): the weight
     reshaped to (1, out, -1), normalised per filter by batch_norm, scaled by a per-filter
@@ -613,13 +673,16 @@ af.register_split(SelectiveKernel, sizes=lambda m: [p[0].in_channels for p in m.
                   update=lambda m, sizes: setattr(m, "in_channels", sum(sizes)), equal=True)
 af.register_split(SplitTransposeBlock, sizes=lambda m: [m.convs[0].in_channels] * (len(m.convs) + 1),
                   update=lambda m, sizes: setattr(m, "width", sizes[0]), equal=True)
+# ... and their attention (README "Attention heads").
+af.register_heads(TransposedAttention, heads=lambda m: m.num_heads, qkv=lambda m: m.qkv, proj=lambda m: m.proj)
+af.register_heads(SelfAttention, heads=lambda m: m.heads, qkv=lambda m: m.qkv, proj=lambda m: m.out)
 
 
 MOTIFS = {"conv_head": ConvHead, "seg_head": SegHead, "shuffle": ShuffleNetBlock, "ghost": GhostBlock,
           "ghost_se": GhostSE, "mixconv": MixConv, "resnext": ResNeXtBlock, "cat_residual": CatResidual,
           "mixnet": MixNetBlock, "res2net": Res2Net, "sknet": SKNet, "resnest": ResNeSt,
           "rep_branches": RepBranches, "tf_same": TFSame, "split_transpose": SplitTranspose, "tokens": TokenMixer,
-          "norm_free": NormFree}
+          "norm_free": NormFree, "attention": AttentionStage}
 
 
 class Expansions(nn.Module):

@@ -39,9 +39,9 @@ def zero_even_channels(model):
 
 
 # Weight standardisation's mean and variance run over each filter's inputs, so removing
-# even a dead input channel rescales the rest: no exact cut exists (the gain's own test
-# follows this one).
-EXACT = [name for name in ALL if name != "norm_free"]
+# even a dead input channel rescales the rest; a transposed attention's softmax runs over
+# every channel of a head, dead ones too: no exact cut exists (their own tests follow).
+EXACT = [name for name in ALL if name not in ("norm_free", "attention")]
 
 
 @pytest.mark.parametrize("name", EXACT)
@@ -328,7 +328,7 @@ def test_no_part_of_a_concat_loses_all_its_channels(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore:.*closest whole filters get")  # tiny nets: whole filters land ~1% off
 def test_splits_are_cut_with_a_handler_and_left_whole_without(monkeypatch, request):
-    from afie_fast import splits
+    from afie_fast import handlers
     from nets import MixedSplit, MixNetBlock, Res2Net, SKNet
 
     for make in (SKNet, MixNetBlock, Res2Net):
@@ -347,9 +347,9 @@ def test_splits_are_cut_with_a_handler_and_left_whole_without(monkeypatch, reque
     assert {c.out_channels for c in pruned.block.convs} == {pruned.block.width}  # equal parts stay equal
     assert pruned.block.conv1.out_channels == 4 * pruned.block.width
     # without one, the module stays whole and prune says how to teach it
-    monkeypatch.delitem(splits._HANDLERS, splits._key(MixedSplit))
-    splits._handler_for_type.cache_clear()
-    request.addfinalizer(splits._handler_for_type.cache_clear)  # runs before monkeypatch restores the handler
+    monkeypatch.delitem(handlers._HANDLERS, handlers._key(MixedSplit))
+    handlers._handler_for_type.cache_clear()
+    request.addfinalizer(handlers._handler_for_type.cache_clear)  # runs before monkeypatch restores the handler
     model = randomised(MixNetBlock()).eval()
     report = af.score(model, loader(n_batches=2), progress=False)
     with pytest.raises(ValueError, match=r"nothing to prune.*split .*register_split teaches prune"):
@@ -361,6 +361,121 @@ def test_register_split_checks_its_arguments():
         af.register_split(int, sizes=len, update=print)
     with pytest.raises(TypeError, match="callables"):
         af.register_split(nn.Conv2d, sizes=[1, 2], update=print)
+
+
+def test_attention_heads_narrow_with_the_stream_they_read(monkeypatch, request):
+    # Both attentions reshape their heads' output to the input's width: with a handler the
+    # stream is cut to a multiple of every head count and the heads follow; without one
+    # the stream's cut stops the model from running, and it stays whole.
+    from afie_fast import handlers
+    from nets import AttentionStage, SelfAttention
+
+    model, report = build("attention")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pruned, stats = af.prune(model, report, target=0.5, unit="flops", example_inputs=X, progress=False)
+    kept = pruned.stem.out_channels
+    assert kept < 32 and kept % 4 == 0 and abs(stats.reached - 0.5) <= 0.05, stats.summary()
+    for attn, proj in ((pruned.xca, pruned.xca.proj), (pruned.sa, pruned.sa.out)):
+        assert attn.qkv.in_features == proj.in_features == proj.out_features == kept
+        assert attn.qkv.out_features == 3 * kept
+    assert pruned(X).shape == model(X).shape
+    monkeypatch.delitem(handlers._HANDLERS, handlers._key(SelfAttention))
+    handlers._handler_for_type.cache_clear()
+    request.addfinalizer(handlers._handler_for_type.cache_clear)  # before monkeypatch restores the handler
+    model, report = build("attention")
+    pruned, stats = af.prune(model, report, target=0.2, example_inputs=X, progress=False)
+    assert stats.kept["stem"] == (32, 32) and "stops the model from running" in stats.skipped["stem"]
+    assert stats.kept["conv"][1] < 16 and pruned(X).shape == model(X).shape
+
+
+def test_a_channel_concat_after_a_3d_parameter_is_mapped():
+    # Torch-Pruning turns off the index mapping of concats downstream of any 3-D parameter
+    # (its guard for ViT's class token); the temperature of the attention before this
+    # concat is one. Mapped again, cutting exactly the dead filters of the concatenated
+    # convs leaves the function unchanged; unmapped, the right conv's cut would hit the
+    # wrong inputs of the conv after the concat.
+    model, report = build("attention")
+    zero_even_channels(model.left), zero_even_channels(model.right)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pruned, stats = af.prune(model, report, target=0.25, example_inputs=X, allocation="uniform",
+                                 ignored_layers=["stem", "conv"], progress=False)
+    assert stats.kept["left"][1] < 8 and stats.kept["right"][1] < 8, stats.summary()
+    torch.testing.assert_close(pruned.eval()(X), model(X), rtol=1e-5, atol=1e-5)
+
+
+def test_an_attention_scored_as_layers_keeps_its_heads_to_the_handler():
+    from nets import AttentionStage
+
+    torch.manual_seed(0)
+    model = randomised(AttentionStage()).eval()
+    report = af.score(model, loader(n_batches=2), linear=True, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pruned, stats = af.prune(model, report, target=0.3, example_inputs=X, progress=False)
+    assert stats.skipped["xca.qkv"].startswith("an attention's heads")
+    assert pruned.xca.qkv.out_features == 3 * pruned.xca.qkv.in_features == 3 * pruned.stem.out_channels
+    assert pruned(X).shape == model(X).shape
+
+
+def _attention_reference(x, wqkv, bqkv, wproj, bproj, heads, transposed, temperature=None, scale=None):
+    """Multi-head attention written out head by head in float64 on (B, N, C) tokens: q, k,
+    v = x Wᵀ + b split in three, each into ``heads`` equal column blocks; transposed (XCA):
+    attention between a head's channels over the tokens, else between tokens over its
+    channels."""
+    q, k, v = (x @ wqkv.T + bqkv).chunk(3, dim=-1)
+    outs = []
+    for h, (qh, kh, vh) in enumerate(zip(q.chunk(heads, -1), k.chunk(heads, -1), v.chunk(heads, -1))):
+        if transposed:  # (N, d) columns normalised over the tokens; attention d × d
+            qn = qh / qh.norm(dim=-2, keepdim=True).clamp_min(1e-12)
+            kn = kh / kh.norm(dim=-2, keepdim=True).clamp_min(1e-12)
+            attn = torch.softmax(qn.mT @ kn * temperature[h], dim=-1)
+            outs.append((attn @ vh.mT).mT)
+        else:
+            outs.append(torch.softmax(qh @ kh.mT * scale, dim=-1) @ vh)
+    return torch.cat(outs, -1) @ wproj.T + bproj
+
+
+@pytest.mark.parametrize("kind", ["transposed", "self"])
+def test_heads_follow_their_input_width_head_by_head(kind):
+    # Cut some of the attention's input and output channels as a stream cut would, let the
+    # handler narrow the heads, and compare with the attention written out in float64 on
+    # the original weights restricted to the channels and head positions that were kept.
+    import torch_pruning as tp
+    from afie_fast.handlers import handler_for
+    from nets import SelfAttention, TransposedAttention
+
+    torch.manual_seed(11)
+    dim, heads = 16, 4
+    attn = (TransposedAttention if kind == "transposed" else SelfAttention)(dim, heads).double()
+    proj = attn.proj if kind == "transposed" else attn.out
+    original = {k: v.clone() for k, v in attn.state_dict().items()}
+    g = torch.Generator().manual_seed(5)
+    dropped = sorted(torch.randperm(dim, generator=g)[:8].tolist())  # the stream keeps 8: 2 per head
+    kept = [i for i in range(dim) if i not in dropped]
+    tp.prune_linear_in_channels(attn.qkv, dropped)
+    tp.prune_linear_out_channels(proj, dropped)
+    handler_for(attn).follow(attn)
+    assert attn.qkv.out_features == 3 * 8 and proj.in_features == 8
+    # which inner positions survived: proj's columns, matched to the original's
+    wproj = original[("proj" if kind == "transposed" else "out") + ".weight"][kept]
+    inner = [next(j for j in range(dim) if torch.equal(proj.weight[:, i], wproj[:, j])) for i in range(8)]
+    assert [len([j for j in inner if j // 4 == h]) for h in range(heads)] == [2] * heads  # equal heads
+    rows = [p * dim + j for p in range(3) for j in inner]
+    x = torch.randn(3, 10, 8, generator=g, dtype=torch.float64)
+    want = _attention_reference(x, original["qkv.weight"][rows][:, kept], original["qkv.bias"][rows],
+                                wproj[:, inner], original[("proj" if kind == "transposed" else "out") + ".bias"][kept],
+                                heads, kind == "transposed", temperature=original.get("temperature", None),
+                                scale=getattr(attn, "scale", None))
+    torch.testing.assert_close(attn(x), want, rtol=1e-10, atol=1e-10)
+
+
+def test_register_heads_checks_its_arguments():
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        af.register_heads(int, heads=len, qkv=len, proj=len)
+    with pytest.raises(TypeError, match="callables"):
+        af.register_heads(nn.Conv2d, heads=4, qkv=len, proj=len)
 
 
 @pytest.mark.filterwarnings("ignore:.*closest whole filters get")
@@ -422,3 +537,21 @@ def test_a_width_tied_in_forward_code_is_found_and_left_whole():
     assert pruned(X).shape == model(X).shape
     with pytest.raises(ValueError, match="nothing to prune.*stops the model from running"):
         af.prune(model, report, target=0.3, example_inputs=X, progress=False, ignored_layers=["mid", "conv"])
+
+
+def test_readme_handler_examples_run_as_printed(capsys):
+    # The README's register_split / register_heads examples, run as a user pastes them;
+    # each says what it prints (a trailing comment, or the comment line after the print).
+    import pathlib
+    import re
+
+    fence = "`" * 3
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    blocks = [b for b in re.findall(fence + r"python\n(.*?)" + fence, text, re.S) if "af.register_" in b]
+    assert len(blocks) >= 2
+    for block in blocks:
+        code = "\n".join(line[2:] if line.startswith("  ") else line for line in block.splitlines())
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme_example"})
+        printed = capsys.readouterr().out.strip()
+        expected = re.search(r"print\(.*?\)\s*#\s*(.+)|print\(.*\)\n\s*#\s*(.+)", code)
+        assert printed == (expected.group(1) or expected.group(2)).strip()

@@ -54,7 +54,7 @@ def test_timm_model_reaches_a_flops_target(name):
 # the target at its default (README "timm's CNNs at the defaults").
 FAMILIES = ["convnext_atto", "convnextv2_atto", "repvgg_a0", "mobileone_s0", "res2net50_14w_8s", "hrnet_w18_small",
             "mixnet_s", "skresnet18", "resnest14d", "ghostnetv2_100", "tf_efficientnetv2_b0", "repghostnet_050",
-            "nf_regnet_b0"]
+            "nf_regnet_b0", "edgenext_xx_small"]
 
 
 @pytest.mark.slow
@@ -78,12 +78,17 @@ def test_family_reaches_half_the_flops_at_the_defaults(name, tmp_path):
 
 
 @pytest.mark.slow
-def test_split_transpose_attention_says_why_it_stays_whole():
-    # EdgeNeXt: its tokens' reshapes keep the channels whole and its equal chunks are cut
-    # mirrored, but the transposed attention reshapes its heads' output to its input's
-    # width (read from x.shape), which no graph sees: those streams are found to break the
-    # forward and stay whole, as does the stage whose width (88) its 3 chunks do not divide.
+def test_split_transpose_attention_heads_follow_the_stream():
+    # EdgeNeXt: its tokens' reshapes keep the channels whole, its equal chunks are cut
+    # mirrored, and its transposed attention (reshaped to the input's width, read from
+    # x.shape) narrows its heads with the stream (the built-in register_heads handler).
+    # The stage whose width (88) its 3 chunks do not divide stays whole, with that cause.
     model = make("edgenext_xx_small")
     report = af.score(model, [X], progress=False)
-    with pytest.raises(ValueError, match=r"out of reach(?=.*a channel split)(?=.*its cut stops the model from running)"):
-        af.prune(model, report, target=0.5, unit="flops", example_inputs=X[:1], progress=False)
+    pruned, stats = af.prune(model, report, target=0.5, unit="flops", example_inputs=X[:1], progress=False)
+    for name, m in pruned.named_modules():
+        if type(m).__name__ == "CrossCovarianceAttn":
+            width = m.qkv.in_features
+            assert width % m.num_heads == 0 and m.qkv.out_features == 3 * width == 3 * m.proj.in_features, name
+    assert stats.kept["stages.1.downsample.1"][1] < 48 and stats.kept["stages.3.downsample.1"][1] < 168
+    assert stats.kept["stages.2.downsample.1"] == (88, 88) and "split" in stats.skipped["stages.2.downsample.1"]
