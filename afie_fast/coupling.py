@@ -294,7 +294,7 @@ def _map_identity(node) -> None:
 
 
 def _map_split(graph, node) -> None:
-    """Index mapping of a split whose sizes a handler reads from its module (afie_fast.splits):
+    """Index mapping of a split whose sizes a handler reads from its module (afie_fast.handlers):
     each output sees its part's channels, at the module's current sizes."""
     mappings = tp.dependency.index_mapping
     sizes = node.afie_split.sizes(node.afie_owner)
@@ -649,7 +649,7 @@ def _channel_change(node, recorder: _ShapeRecorder) -> str | None:
     if node.type in (OPTYPE.SPLIT, OPTYPE.SLICE, OPTYPE.UNBIND):
         # Split sizes and slice bounds are constants of the forward code: cutting the
         # channels they divide breaks them (or silently moves channels across parts),
-        # unless a handler knows where the module keeps them (afie_fast.splits).
+        # unless a handler knows where the module keeps them (afie_fast.handlers).
         (shape_in, shape_out, _) = seen if seen is not None else ((), (), "")
         if len(shape_in) >= 2 and len(shape_out) >= 2 and shape_out[1] == shape_in[1]:
             return None
