@@ -202,8 +202,8 @@ def _plan(units: list[Unit], report: AFIEReport, filter_target: float, allocatio
 def _whole_positions(unit: Unit, k: int) -> int:
     """The most filters up to ``k`` the unit can lose: a grouped unit loses whole positions
     of its G groups (a multiple of G), and one read by attention heads keeps a multiple of
-    them."""
-    while k % unit.channel_groups or (unit.width - k) % unit.multiple:
+    them. 0 when no count does (a width the heads do not divide)."""
+    while k > 0 and (k % unit.channel_groups or (unit.width - k) % unit.multiple):
         k -= 1
     return k
 

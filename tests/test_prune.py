@@ -373,3 +373,21 @@ def test_prune_progress_bar_counts_the_steps(monkeypatch, recwarn):
     assert [p.split(": ")[1] for p in bar.phases] == ["trace", "groups", "cut", "check"]
     # one step for the trace, one per conv or linear read, one per unit cut, one for the check
     assert bar.n == bar.total > convs + 2
+
+
+@pytest.mark.parametrize("width, groups, multiple, k, expected", [
+    (32, 1, 4, 10, 8),   # keeps 24, a multiple of the heads
+    (32, 2, 4, 7, 4),    # whole positions of 2 groups and a multiple of 4 kept
+    (32, 1, 1, 7, 7),
+    (7, 2, 2, 5, 0),     # no count keeps an odd width even with whole pairs: nothing, not a hang
+    (30, 1, 4, 20, 18),  # keeps 12: a multiple of the heads, though 30 was not
+])
+def test_whole_positions_rounds_down_to_a_count_the_unit_can_lose(width, groups, multiple, k, expected):
+    from types import SimpleNamespace
+
+    from afie_fast.pruning import _whole_positions
+
+    unit = SimpleNamespace(width=width, channel_groups=groups, multiple=multiple)
+    got = _whole_positions(unit, k)
+    assert got == expected
+    assert got % groups == 0 and (got == 0 or (width - got) % multiple == 0)
