@@ -200,49 +200,49 @@ std::vector<double> times_a(int64_t C, int64_t K, const double* a, const double*
 
 void congruence_reduced_one(const CongruenceJob& job) {
   const int64_t C = job.C, K = job.K;
-  const double *a = job.a, *w = job.w;
   if (K == 0) {
     std::fill(job.d, job.d + C, 0.0);
     return;
   }
-  const std::vector<double> wa = times_a(C, K, a, w);
-  for (int64_t i = 0; i < C; ++i) {  // d_i = w_i · (A w_i)
-    double s = 0;
-    for (int64_t j = 0; j < K; ++j) s += wa[size_t(i) * K + j] * w[size_t(i) * K + j];
-    job.d[i] = s;
-  }
-  // R with RᵀR = G = WᵀW. The eigenvalues of W A Wᵀ but for zeros are those of
-  // A^½ G A^½, so they depend on W only through G: Cholesky's backward error in G is all
-  // that reaches them, however ill-conditioned W is. A singular G (an input channel no
-  // filter reads) takes the pivoted, rank-revealing Cholesky; R's other rows stay 0.
-  const int k = int(K);
-  std::vector<double> g(size_t(K) * K, 0.0);
-  blas::syrk("N", k, int(C), w, k, g.data(), k);  // column-major lower of (Wᵀ)(Wᵀ)ᵀ
-  std::vector<double> l = g;
+  // A = L Lᵀ makes W A Wᵀ = X Xᵀ with X = W L (C×K): d is X's squared row norms, and
+  // m = XᵀX has W A Wᵀ's eigenvalues but for C − K zeros. One triangular product and one
+  // SYRK, C·K² in all: half the flops of forming W A for d and then R A Rᵀ (RᵀR = WᵀW).
+  // A semi-definite A (a dead input channel, fewer observations than channels) takes the
+  // pivoted, rank-revealing Cholesky: Pᵀ A P = L Lᵀ on its first `rank` columns, X = W P L.
+  const int k = int(K), c = int(C);
+  std::vector<double> l(job.a, job.a + K * K);  // row-major symmetric == column-major
+  std::vector<int> piv;
   int info = 0;
   AFIE_BLAS(dpotrf_)("L", &k, l.data(), &k, &info, 1);
-  if (info == 0) {
-    // R = Lᵀ is triangular: M = R A Rᵀ as two triangular products, half a GEMM's flops
-    // each. Column-major, l's lower triangle is L = Rᵀ: M := A·L, then M := Lᵀ·M.
-    const double one = 1.0;
-    std::copy(a, a + K * K, job.m);
-    AFIE_BLAS(dtrmm_)("R", "L", "N", "N", &k, &k, &one, l.data(), &k, job.m, &k, 1, 1, 1, 1);
-    AFIE_BLAS(dtrmm_)("L", "L", "T", "N", &k, &k, &one, l.data(), &k, job.m, &k, 1, 1, 1, 1);
-  } else {  // Pᵀ G P = L Lᵀ on the first `rank` columns: R = Lᵀ Pᵀ, not triangular
-    std::vector<double> r(size_t(K) * K, 0.0);
-    l = g;
-    std::vector<int> piv(static_cast<size_t>(K));
+  if (info != 0) {
+    std::copy(job.a, job.a + K * K, l.begin());
+    piv.resize(size_t(K));
     std::vector<double> work(2 * size_t(K));
     int rank = 0;
     const double tol = -1;  // LAPACK's default: K · eps · max pivot
     AFIE_BLAS(dpstrf_)("L", &k, l.data(), &k, piv.data(), &rank, &tol, work.data(), &info, 1);
     if (info < 0) check_info(info, "dpstrf");
-    for (int64_t i = 0; i < rank; ++i)
-      for (int64_t j = i; j < K; ++j) r[size_t(i) * K + (piv[j] - 1)] = l[j + size_t(i) * K];
-    const std::vector<double> ra = times_a(K, K, a, r.data());
-    blas::gemm("T", "N", int(K), int(K), int(K), ra.data(), int(K), r.data(), int(K), job.m, int(K));
+    for (int64_t j = rank; j < K; ++j)  // the unfactored trailing block is not part of L
+      std::fill(l.begin() + j * K + j, l.begin() + (j + 1) * K, 0.0);
   }
-  symmetrise(K, job.m);
+  // Row-major X (C×K) is column-major Xᵀ = Lᵀ (W P)ᵀ, K×C: W's rows, permuted, then Lᵀ from the left.
+  std::vector<double> x(size_t(C) * K);
+  if (piv.empty()) {
+    std::copy(job.w, job.w + C * K, x.begin());
+  } else {
+    for (int64_t i = 0; i < C; ++i)
+      for (int64_t j = 0; j < K; ++j) x[size_t(i) * K + j] = job.w[size_t(i) * K + (piv[j] - 1)];
+  }
+  const double one = 1.0;
+  AFIE_BLAS(dtrmm_)("L", "L", "T", "N", &k, &c, &one, l.data(), &k, x.data(), &k, 1, 1, 1, 1);
+  for (int64_t i = 0; i < C; ++i) {
+    double s = 0;
+    for (int64_t j = 0; j < K; ++j) s += x[size_t(i) * K + j] * x[size_t(i) * K + j];
+    job.d[i] = s;
+  }
+  blas::syrk("N", k, c, x.data(), k, job.m, k);  // column-major lower of Xᵀ X = row-major upper
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t j = i + 1; j < K; ++j) job.m[j * K + i] = job.m[i * K + j];
 }
 
 }  // namespace

@@ -45,10 +45,10 @@ void congruence_cpu(int64_t C, int64_t K,
                     double* out,      // [C, C]
                     int threads);
 
-// One reduced congruence, for C ≥ K: m = R A Rᵀ (K×K) with RᵀR = WᵀW, whose eigenvalues
-// are those of W A Wᵀ but for C − K zeros (W = Q R with Q's columns orthonormal, so
-// W A Wᵀ = Q m Qᵀ), and d = the diagonal of W A Wᵀ. An eigensolve of K×K in place of
-// C×C: (C/K)³ less work.
+// One reduced congruence, for C ≥ K: m = XᵀX (K×K) with X = W L, A = L Lᵀ (Cholesky,
+// pivoted where A is semi-definite), whose eigenvalues are those of W A Wᵀ = X Xᵀ but for
+// C − K zeros, and d = the diagonal of W A Wᵀ (X's squared row norms). An eigensolve of
+// K×K in place of C×C: (C/K)³ less work.
 struct CongruenceJob {
   int64_t C, K;
   const double* a;  // [K, K], symmetric

@@ -86,13 +86,17 @@ def test_leave_one_out_deflation_and_indefinite(np_rng):
         np.testing.assert_allclose(out[j], np.linalg.eigvalsh(a[np.ix_(keep, keep)]), atol=1e-10 * np.abs(a).max())
 
 
-@pytest.mark.parametrize("c, k, dependent", [(40, 12, False), (40, 12, True), (13, 13, False), (9, 1, False)])
-def test_congruence_matches_numpy(np_rng, c, k, dependent):
-    """W A Wᵀ in full, and reduced: R A Rᵀ (RᵀR = WᵀW) has its eigenvalues but for c − k
-    zeros, also when W's columns are dependent (an unused input channel, two equal ones:
-    the pivoted Cholesky) and A is singular."""
+@pytest.mark.parametrize("c, k, dependent, dead", [(40, 12, False, True), (40, 12, True, True), (40, 12, True, False),
+                                                   (13, 13, False, True), (9, 1, False, False), (300, 64, False, False),
+                                                   (300, 64, False, True)])
+def test_congruence_matches_numpy(np_rng, c, k, dependent, dead):
+    """W A Wᵀ in full, and reduced: a K×K matrix with its eigenvalues but for c − k zeros,
+    and its diagonal; for a positive definite A (Cholesky), a singular one (a dead input
+    channel: the pivoted Cholesky), and W's columns dependent (an unused input channel,
+    two equal ones)."""
     x = np_rng.normal(size=(3 * k, k))
-    x[:, 0] = 0.0  # a dead input channel: A singular
+    if dead:
+        x[:, 0] = 0.0
     a = np.cov(x, rowvar=False).reshape(k, k)
     w = np_rng.normal(size=(c, k))
     if dependent:
