@@ -124,14 +124,16 @@ def congruence(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def congruence_reduced(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """For each (a (K, K) symmetric, w (C, K)), C ≥ K: (R A Rᵀ (K, K), diag(W A Wᵀ) (C,)) with
-    RᵀR = WᵀW; the first has the eigenvalues of W A Wᵀ but for C − K zeros. float64 CPU,
-    all pairs in one call, the costliest first over the threads."""
+def congruence_reduced(pairs: list[tuple[torch.Tensor, torch.Tensor]],
+                       single: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each (a (K, K) symmetric, w (C, K)), C ≥ K: (XᵀX (K, K), diag(W A Wᵀ) (C,)) with
+    X = W L, A = L Lᵀ; the first has the eigenvalues of W A Wᵀ but for C − K zeros. float64
+    CPU, all pairs in one call, the costliest first over the threads. ``single``: XᵀX
+    formed in float32, for a float32 eigensolve (X and the diagonal stay float64)."""
     pairs = [tuple(t.detach().to("cpu", torch.float64).contiguous() for t in p) for p in pairs]
     ms = [torch.empty(a.shape[0], a.shape[0], dtype=torch.float64) for a, _ in pairs]
     ds = [torch.empty(w.shape[0], dtype=torch.float64) for _, w in pairs]
-    _C.congruence_reduced([a for a, _ in pairs], [w for _, w in pairs], ms, ds, threads())
+    _C.congruence_reduced([a for a, _ in pairs], [w for _, w in pairs], ms, ds, single, threads())
     return list(zip(ms, ds))
 
 

@@ -76,15 +76,16 @@ class Observed:
         return _ext.congruence(cov, self.weight()) if self.via_input else cov
 
 
-def output_moments(observed: dict[str, Observed], covs: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, int, torch.Tensor]]:
+def output_moments(observed: dict[str, Observed], covs: dict[str, torch.Tensor],
+                   single: bool = False) -> dict[str, tuple[torch.Tensor, int, torch.Tensor]]:
     """Per layer (S, zeros, variances), from the covariance of what it observed: its output
     covariance has the eigenvalues of the symmetric S and ``zeros`` zeros more, and the
     diagonal ``variances``. S is that covariance itself, or for a layer observed through
-    its C_in-wide input the C_in × C_in matrix R Σ_x Rᵀ (RᵀR = WᵀW; all such layers in one
-    core call): an eigensolve of C_in², not C_out²."""
+    its C_in-wide input the C_in × C_in matrix XᵀX (X = W L, Σ_x = L Lᵀ; all such layers in
+    one core call, formed in float32 when ``single``): an eigensolve of C_in², not C_out²."""
     out = {name: (cov, 0, cov.diagonal().clone()) for name, cov in covs.items() if not observed[name].via_input}
     routed = [name for name in covs if observed[name].via_input]
-    reduced = _ext.congruence_reduced([(covs[n], observed[n].weight()) for n in routed])
+    reduced = _ext.congruence_reduced([(covs[n], observed[n].weight()) for n in routed], single)
     for name, (s, variances) in zip(routed, reduced):
         out[name] = (s, width(observed[name].layer) - observed[name].channels, variances)
     return {name: out[name] for name in covs}

@@ -258,13 +258,14 @@ def _activation_scores(observed: dict[str, Observed], accs: dict[str, Covariance
             observed_covs[name] = acc.covariance().to("cpu", torch.float64)
         except ValueError as exc:
             raise ValueError(f"layer {name!r}: {exc} (score it on more data)") from None
-    moments = output_moments(observed, observed_covs)
-    # Eigenvalues in float32 arithmetic when the products were float32: they carry that
-    # rounding already, and wide layers solve twice as fast. "independence" needs accurate
-    # eigenvectors: a float64 solve of its own, so that AFIE never depends on criteria.
+    # The reduced congruences and the eigenvalues in float32 arithmetic when the products
+    # were float32: they carry that rounding already, and wide layers run twice as fast.
+    # "independence" needs accurate eigenvectors: a float64 solve of its own, so that AFIE
+    # never depends on criteria.
     product = {name: acc.product_dtype for name, acc in accs.items()}
     eps = {name: torch.finfo(dtype).eps for name, dtype in product.items()}
     single = all(dtype == torch.float32 for dtype in product.values())
+    moments = output_moments(observed, observed_covs, single)
     solved = _ext.eigh_many([s for s, _, _ in moments.values()], single=single)
     eigenvalues = {name: torch.cat([torch.zeros(zeros, dtype=torch.float64), w])
                    for (name, (_, zeros, _)), (w, _) in zip(moments.items(), solved)}

@@ -340,7 +340,7 @@ void congruence(py::handle a_o, py::handle w_o, py::handle out_o, int threads) {
   afie::congruence_cpu(C, K, ptr<double>(a), ptr<double>(w), ptr<double>(out), threads);
 }
 
-void congruence_reduced(py::list a_l, py::list w_l, py::list m_l, py::list d_l, int threads) {
+void congruence_reduced(py::list a_l, py::list w_l, py::list m_l, py::list d_l, bool single, int threads) {
   if (w_l.size() != a_l.size() || m_l.size() != a_l.size() || d_l.size() != a_l.size())
     throw py::value_error("congruence_reduced: a, w, m and d must be lists of the same length");
   std::vector<std::unique_ptr<Buffer>> held;  // borrowed views stay alive while BLAS runs
@@ -366,7 +366,7 @@ void congruence_reduced(py::list a_l, py::list w_l, py::list m_l, py::list d_l, 
     jobs.push_back({C, K, ptr<double>(a), ptr<double>(w), ptr<double>(m), ptr<double>(d)});
   }
   py::gil_scoped_release nogil;
-  afie::congruence_reduced_cpu(jobs, threads);
+  afie::congruence_reduced_cpu(jobs, single, threads);
 }
 
 double spectrum_entropy(py::handle s_o) {
@@ -436,9 +436,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("congruence", &congruence, py::arg("a"), py::arg("w"), py::arg("out"), py::arg("threads") = 1,
         "out [C, C] = w a wT for a symmetric a [K, K] and w [C, K] (float64): the covariance of y = w x.");
   m.def("congruence_reduced", &congruence_reduced, py::arg("a"), py::arg("w"), py::arg("m"), py::arg("d"),
-        py::arg("threads") = 1,
-        "For each w[i] [C, K], C >= K, and symmetric a[i] [K, K] (lists, float64): m[i] [K, K] = r a rT (rT r = "
-        "wT w), whose eigenvalues are those of w a wT but for C - K zeros, and d[i] [C] = the diagonal of w a wT; "
+        py::arg("single") = false, py::arg("threads") = 1,
+        "For each w[i] [C, K], C >= K, and symmetric a[i] [K, K] (lists, float64): m[i] [K, K] = xT x with "
+        "x = w l, a = l lT (Cholesky, pivoted where a is semi-definite), whose eigenvalues are those of w a wT "
+        "but for C - K zeros, and d[i] [C] = the diagonal of w a wT; single: xT x formed in float32; "
         "costliest first over the threads.");
   m.def("spectrum_entropy", &spectrum_entropy, py::arg("s"), "AFIE entropy K of a spectrum s [p] (float64).");
   m.def("blas_info", &blas_info);

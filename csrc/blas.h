@@ -73,6 +73,12 @@ inline void gemm(const char* ta, const char* tb, int m, int n, int k, const floa
   AFIE_BLAS(sgemm_)(ta, tb, &m, &n, &k, &one, a, &lda, b, &ldb, &zero, c, &ldc, 1, 1);
 }
 
+// B := Lᵀ B for a column-major lower-triangular m×m L and m×n B (TRMM).
+inline void trmm_lower_t(int m, int n, const double* l, double* b) {
+  const double one = 1.0;
+  AFIE_BLAS(dtrmm_)("L", "L", "T", "N", &m, &n, &one, l, &m, b, &m, 1, 1, 1, 1);
+}
+
 // Typed dispatch to the Fortran symmetric eigensolver (divide and conquer).
 inline void syevd(const char* jobz, int n, double* a, double* w, double* work, int lwork, int* iwork, int liwork,
                   int* info) {

@@ -198,7 +198,17 @@ std::vector<double> times_a(int64_t C, int64_t K, const double* a, const double*
   return wa;
 }
 
-void congruence_reduced_one(const CongruenceJob& job) {
+// m = XᵀX, both triangles, for row-major X (C×K) in precision T.
+template <class T>
+void gram_of_rows(int64_t C, int64_t K, const T* x, double* m_out) {
+  const int k = int(K), c = int(C);
+  std::vector<T> m(size_t(K) * K);
+  blas::syrk("N", k, c, x, k, m.data(), k);  // column-major lower of Xᵀ X = row-major upper
+  for (int64_t i = 0; i < K; ++i)
+    for (int64_t j = i; j < K; ++j) m_out[j * K + i] = m_out[i * K + j] = double(m[size_t(i) * K + j]);
+}
+
+void congruence_reduced_one(const CongruenceJob& job, bool single) {
   const int64_t C = job.C, K = job.K;
   if (K == 0) {
     std::fill(job.d, job.d + C, 0.0);
@@ -209,7 +219,9 @@ void congruence_reduced_one(const CongruenceJob& job) {
   // SYRK, C·K² in all: half the flops of forming W A for d and then R A Rᵀ (RᵀR = WᵀW).
   // A semi-definite A (a dead input channel, fewer observations than channels) takes the
   // pivoted, rank-revealing Cholesky: Pᵀ A P = L Lᵀ on its first `rank` columns, X = W P L.
-  const int k = int(K), c = int(C);
+  // X and d are float64; with `single`, XᵀX is formed in float32: it feeds a float32
+  // eigensolve, whose own rounding (ε₃₂·‖XᵀX‖) is the size of what that adds.
+  const int k = int(K);
   std::vector<double> l(job.a, job.a + K * K);  // row-major symmetric == column-major
   std::vector<int> piv;
   int info = 0;
@@ -227,22 +239,16 @@ void congruence_reduced_one(const CongruenceJob& job) {
   }
   // Row-major X (C×K) is column-major Xᵀ = Lᵀ (W P)ᵀ, K×C: W's rows, permuted, then Lᵀ from the left.
   std::vector<double> x(size_t(C) * K);
-  if (piv.empty()) {
-    std::copy(job.w, job.w + C * K, x.begin());
-  } else {
-    for (int64_t i = 0; i < C; ++i)
-      for (int64_t j = 0; j < K; ++j) x[size_t(i) * K + j] = job.w[size_t(i) * K + (piv[j] - 1)];
-  }
-  const double one = 1.0;
-  AFIE_BLAS(dtrmm_)("L", "L", "T", "N", &k, &c, &one, l.data(), &k, x.data(), &k, 1, 1, 1, 1);
+  for (int64_t i = 0; i < C; ++i)
+    for (int64_t j = 0; j < K; ++j) x[size_t(i) * K + j] = job.w[size_t(i) * K + (piv.empty() ? j : piv[j] - 1)];
+  blas::trmm_lower_t(k, int(C), l.data(), x.data());
   for (int64_t i = 0; i < C; ++i) {
     double s = 0;
     for (int64_t j = 0; j < K; ++j) s += x[size_t(i) * K + j] * x[size_t(i) * K + j];
     job.d[i] = s;
   }
-  blas::syrk("N", k, c, x.data(), k, job.m, k);  // column-major lower of Xᵀ X = row-major upper
-  for (int64_t i = 0; i < K; ++i)
-    for (int64_t j = i + 1; j < K; ++j) job.m[j * K + i] = job.m[i * K + j];
+  if (single) gram_of_rows(C, K, std::vector<float>(x.begin(), x.end()).data(), job.m);
+  else gram_of_rows(C, K, x.data(), job.m);
 }
 
 }  // namespace
@@ -262,16 +268,16 @@ void congruence_cpu(int64_t C, int64_t K, const double* a, const double* w, doub
   symmetrise(C, out);
 }
 
-void congruence_reduced_cpu(const std::vector<CongruenceJob>& jobs, int threads) {
+void congruence_reduced_cpu(const std::vector<CongruenceJob>& jobs, bool single, int threads) {
   for (const CongruenceJob& job : jobs)
     if (job.C < job.K) throw std::invalid_argument("congruence_reduced: needs C >= K");
-  const auto cost = [&](int64_t i) {  // the C·K² of W A and of WᵀW
+  const auto cost = [&](int64_t i) {  // the C·K² of X = W L and of XᵀX
     const CongruenceJob& job = jobs[size_t(i)];
     return double(job.C) * double(job.K) * double(job.K);
   };
   blas::use_threads(1);
   for_each_costliest_first(int64_t(jobs.size()), threads, cost,
-                           [&](int64_t i, int64_t) { congruence_reduced_one(jobs[size_t(i)]); });
+                           [&](int64_t i, int64_t) { congruence_reduced_one(jobs[size_t(i)], single); });
 }
 
 }  // namespace afie

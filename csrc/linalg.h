@@ -48,7 +48,8 @@ void congruence_cpu(int64_t C, int64_t K,
 // One reduced congruence, for C ≥ K: m = XᵀX (K×K) with X = W L, A = L Lᵀ (Cholesky,
 // pivoted where A is semi-definite), whose eigenvalues are those of W A Wᵀ = X Xᵀ but for
 // C − K zeros, and d = the diagonal of W A Wᵀ (X's squared row norms). An eigensolve of
-// K×K in place of C×C: (C/K)³ less work.
+// K×K in place of C×C: (C/K)³ less work. `single`: XᵀX formed in float32 (X and d stay
+// float64), for a float32 eigensolve of covariances whose co-moments were float32 products.
 struct CongruenceJob {
   int64_t C, K;
   const double* a;  // [K, K], symmetric
@@ -59,6 +60,6 @@ struct CongruenceJob {
 
 // Runs every job, the costliest first, on up to `threads` workers that each take the next
 // job as they finish and call BLAS single-threaded (as eigh_cpu does).
-void congruence_reduced_cpu(const std::vector<CongruenceJob>& jobs, int threads);
+void congruence_reduced_cpu(const std::vector<CongruenceJob>& jobs, bool single, int threads);
 
 }  // namespace afie
