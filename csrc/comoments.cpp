@@ -27,6 +27,7 @@ constexpr int64_t kWide = 512;
 // of 7–15, one build after the other).
 constexpr int64_t kGramMax = 256;
 constexpr int64_t kGramPanel = 512;  // the kernel's best row length (43 GMAC/s a core vs 40 at 1024)
+constexpr int64_t kGramPanelMax = 1024;  // a wide batch this short is one chunk (update_gram_wide)
 
 
 // Calls f(offset_of_first_obs, stride, count, k) for the runs covering observations
@@ -129,9 +130,10 @@ std::vector<int64_t> split_triangle(int64_t rows, int64_t workers) {
 }
 
 // The caller's state ← state ⊕ (nb, mean_b, M2_b), M2_b read from the upper triangle of
-// b, written to both triangles tile by tile (each tile mirrored while it is in L1) and
-// split over `workers` by equal areas of the triangle: for wide layers this pass over
-// the C×C double state costs as much as a slice of the SYRK.
+// b (nullptr: already added to m2's upper triangle in place), written to both triangles
+// tile by tile (each tile mirrored while it is in L1) and split over `workers` by equal
+// areas of the triangle: for wide layers this pass over the C×C double state costs as
+// much as a slice of the SYRK.
 template <class A, class B>
 void fold_state(int64_t C, double* n, A* mean, A* m2, double nb, const double* mean_b, const B* b, int64_t workers) {
   const double na = *n, nt = na + nb, w = na * nb / nt;
@@ -148,9 +150,11 @@ void fold_state(int64_t C, double* n, A* mean, A* m2, double nb, const double* m
         for (int64_t i = bi * T; i < i1; ++i) {
           const double wi = w * delta[i];
           A* __restrict row = m2 + i * C;
-          const B* __restrict brow = b + i * C;
+          const B* __restrict brow = b ? b + i * C : nullptr;
           const int64_t j0 = std::max(bj * T, i);
-          if (na > 0)
+          if (!brow)
+            for (int64_t j = j0; j < j1; ++j) row[j] = static_cast<A>(static_cast<double>(row[j]) + wi * delta[j]);
+          else if (na > 0)
             for (int64_t j = j0; j < j1; ++j) row[j] = static_cast<A>(static_cast<double>(row[j]) + brow[j] + wi * delta[j]);
           else
             for (int64_t j = j0; j < j1; ++j) row[j] = static_cast<A>(brow[j] + wi * delta[j]);
@@ -373,10 +377,20 @@ void update_gram(const Batch4& y, const Runs& r, double* n, Acc* mean, Acc* m2, 
 // up every chunk. The chunks' means then enter as a low-rank term as in update_gram, and
 // S folds into the state. A long panel keeps the kernel's tiles long (each tile ends in
 // a horizontal sum and a store), and the kernel blocks B for L2.
+//
+// A batch of at most kGramPanelMax observations (a 7×7 map: 784 a batch of 16) is one
+// chunk, and into a float64 state its products go straight into the state's rows: no S
+// to clear, fill and read back, passes over C² doubles that cost as much as the products
+// when there are fewer observations than channels (1152 at 7×7: about half the update).
+// Each worker checks every channel before it adds anything, so a non-finite value still
+// leaves the state untouched.
 template <class Acc>
 void update_gram_wide(const Batch4& y, const Runs& r, double* n, Acc* mean, Acc* m2, int64_t workers) {
   const int64_t C = r.C, m = y.shape[0] * y.shape[2] * y.shape[3];
-  const int64_t chunk = std::min(m, kGramPanel), chunks = (m + chunk - 1) / chunk;
+  const int64_t chunk = m <= kGramPanelMax ? m : kGramPanel, chunks = (m + chunk - 1) / chunk;
+  double* in_place = nullptr;
+  if constexpr (std::is_same_v<Acc, double>)
+    if (chunks == 1) in_place = m2;
   const int64_t ld = (chunk + kGramCols - 1) / kGramCols * kGramCols;
   const int64_t rows = (C + kGramRows - 1) / kGramRows * kGramRows;
   const std::vector<int64_t> edge = split_triangle((C + kGramTile - 1) / kGramTile, workers);
@@ -386,18 +400,20 @@ void update_gram_wide(const Batch4& y, const Runs& r, double* n, Acc* mean, Acc*
   // only the chunk members of the same object).
   Scratch<float>& s = Scratch<float>::get();
   std::vector<double>&mu = s.mu, &S = s.m2, &overall = s.mean;
-  mu.resize(size_t(chunks * C)), S.resize(size_t(C * C)), overall.assign(size_t(C), 0.0);
+  mu.resize(size_t(chunks * C)), overall.assign(size_t(C), 0.0);
+  if (!in_place) S.resize(size_t(C * C));
   fork_join(workers, [&](int64_t t) {
     Scratch<float>& w = Scratch<float>::get();  // this worker's own chunk
     w.buf.resize(size_t(rows * ld)), w.sums.resize(size_t(C));
     std::fill(w.buf.begin() + C * ld, w.buf.end(), 0.0f);  // padding rows
-    std::fill(S.begin() + row0(t) * C, S.begin() + row0(t + 1) * C, 0.0);
+    double* const dst = in_place ? in_place : S.data();
     for (int64_t q = 0; q < chunks; ++q) {
       const int64_t o0 = q * chunk, o1 = std::min(m, o0 + chunk);
       chunk_runs(r, o0, o1, w.runs);
       double* sums = t == 0 ? mu.data() + q * C : w.sums.data();  // the same sums in every worker
       dispatch_dtype(y.dtype, [&]<DType T>() { fill_centred<T>(y, r, w.runs, o1 - o0, 0, C, w.buf.data(), ld, sums); });
-      gram_upper_add(w.buf.data(), C, ld, S.data(), row0(t), row0(t + 1));
+      if (q == 0 && (!in_place || *n == 0)) std::fill(dst + row0(t) * C, dst + row0(t + 1) * C, 0.0);
+      gram_upper_add(w.buf.data(), C, ld, dst, row0(t), row0(t + 1));
     }
   });
   std::vector<double> nb(static_cast<size_t>(chunks));
@@ -407,7 +423,7 @@ void update_gram_wide(const Batch4& y, const Runs& r, double* n, Acc* mean, Acc*
   }
   if (chunks > 1)
     fork_join(workers, [&](int64_t t) { add_chunk_means(C, row0(t), row0(t + 1), nb, mu.data(), overall.data(), S.data()); });
-  fold_state(C, n, mean, m2, double(m), overall.data(), S.data(), workers);
+  fold_state(C, n, mean, m2, double(m), overall.data(), in_place ? nullptr : S.data(), workers);
 }
 
 // The batch, chunk by chunk: fill (one read of the input), centre on the chunk's mean,

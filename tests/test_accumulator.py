@@ -262,6 +262,42 @@ def test_float32_products_nonfinite_leaves_state_unchanged(gen, threads):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("channels", [256, 301, 1030])
+@pytest.mark.parametrize("layout", ["contiguous", "every_second"])
+@pytest.mark.parametrize("state_dtype", [torch.float64, torch.float32])
+def test_wide_short_batches_match_np_cov(gen, channels, layout, state_dtype, threads):
+    # Fewer observations than channels per batch, as a 7×7 map's: one shared chunk, whose
+    # products a float64 state takes straight into its rows. Batches of 1 to 20 images of
+    # 7×7 (49 to 980 observations), the first on the empty state; means far from zero.
+    base = torch.randn(30, channels, 7, 14, generator=gen, dtype=torch.float64)
+    base = base * torch.rand(channels, 1, 1, generator=gen, dtype=torch.float64) * 3 + 20
+    y = {"contiguous": base[..., :7].contiguous().float(), "every_second": base.float()[..., ::2]}[layout]
+    acc = af.CovarianceAccumulator(channels, dtype=state_dtype, compute_dtype=torch.float32)
+    parts = torch.split(y, [1, 20, 2, 7])
+    for p in parts:
+        acc.update(p)
+    mean, cov = reference.covariance(parts)
+    assert acc.count == 30 * 49
+    assert reference.rel_err(acc.covariance().double().numpy(), cov) <= 2e-5
+    assert reference.rel_err(acc.mean.double().numpy(), mean) <= (1e-8 if state_dtype == torch.float64 else 1e-6)
+    assert torch.equal(acc.comoment, acc.comoment.T)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_wide_short_batch_nonfinite_leaves_state_unchanged(gen, first, threads):
+    # The in-place path adds to the state's own rows: each worker checks every channel first.
+    acc = af.CovarianceAccumulator(520, compute_dtype=torch.float32)
+    if not first:
+        acc.update(torch.randn(3, 520, 7, 7, generator=gen))
+    before = acc.state_dict()
+    y = torch.randn(16, 520, 7, 7, generator=gen)
+    y[-1, 519, -1, -1] = float("nan")  # the last channel: the last rows' worker's own
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        acc.update(y)
+    after = acc.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 @pytest.mark.parametrize("channels", [64, 300, 520])
 def test_same_result_whoever_runs_which_task(gen, channels, threads):
     # The narrow and wide float32 paths and the fold hand out tasks to whichever worker is
