@@ -12,8 +12,14 @@
    A @ A.T, interleaved in rounds. "useful": the C(C+1)/2 products of a triangle, what
    either needs; SGEMM also computes the other half, so its own rate is twice its
    useful one.
+4. A widening 1×1 conv's spectrum from its input's covariance A (K×K) and weight W (C×K),
+   one thread, on ResNet-50's shapes: afie_fast's reduced congruence (X = W L, A = L Lᵀ;
+   XᵀX, K×K, formed in float32 for score()'s float32 eigensolve or in float64) and that
+   eigensolve, against torch.linalg.eigvalsh(W @ A @ W.T), the C×C matrix a user would
+   form, float64. Interleaved rounds, medians.
 
-    python benchmarks/bench_core.py      # 2 threads (1 for the kernel table), medians of 7
+    python benchmarks/bench_core.py              # 2 threads (1 for sections 3-4), medians of 7
+    python benchmarks/bench_core.py --section 4  # one section
 """
 from __future__ import annotations
 
@@ -70,9 +76,40 @@ def kernel_rates(g: torch.Generator, ld: int = 512, rounds: int = 15) -> str:
                   "SGEMM own GMAC/s", "kernel speed-up"], rows)
 
 
+def reduced_congruences(g: torch.Generator, rounds: int = 7) -> str:
+    """Section 4: ms per widening layer, one thread, medians of interleaved rounds."""
+    torch.set_num_threads(1)
+    rows = []
+    for c, k in ((2048, 1024), (2048, 512), (1024, 256), (256, 64)):  # ResNet-50's widening convs
+        x = torch.randn(4 * k, k, generator=g, dtype=torch.float64)
+        a, w = torch.cov(x.T), torch.randn(c, k, generator=g, dtype=torch.float64) / k ** 0.5
+
+        def ours(single: bool):
+            [(m, _)] = _ext.congruence_reduced([(a, w)], single=single)
+            return _ext.eigh_many([m], single=single)
+
+        t = interleaved({"f32": lambda: ours(True), "f64": lambda: ours(False),
+                         "torch": lambda: torch.linalg.eigvalsh(w @ a @ w.T)}, rounds)
+        f32, f64, ref = (statistics.median(t[key]) for key in ("f32", "f64", "torch"))
+        rows.append([f"C={c} from K={k}", f"{f32 * 1e3:.1f}", f"{f64 * 1e3:.1f}", f"{ref * 1e3:.1f}",
+                     f"{ref / f32:.1f}×"])
+    torch.set_num_threads(2)
+    return table(["widening layer", "afie_fast, float32 solve, ms", "afie_fast, float64, ms",
+                  "torch eigvalsh(W A Wᵀ), ms", "speed-up (float32)"], rows)
+
+
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--section", type=int, choices=(1, 3, 4), help="only this section (1 covers 1-2)")
+    args = ap.parse_args()
     torch.set_num_threads(2)
     g = torch.Generator().manual_seed(0)
+    if args.section == 3:
+        return print(kernel_rates(g))
+    if args.section == 4:
+        return print(reduced_congruences(g))
     rows = []
     for c, side in SHAPES:
         y = torch.randn(64, c, side, side, generator=g)
@@ -99,8 +136,12 @@ def main() -> None:
     print(f"afie_fast {af.__version__}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"{af.backend_info()['blas_config']}")
     print(table(["operation", "afie_fast ms", "afie_fast GFLOP/s", "torch ms", "speed-up"], rows))
+    if args.section == 1:
+        return
     print("\nThe co-moment kernel alone, one thread (section 3):")
     print(kernel_rates(g))
+    print("\nA widening layer's spectrum from its input's covariance, one thread (section 4):")
+    print(reduced_congruences(g))
 
 
 if __name__ == "__main__":

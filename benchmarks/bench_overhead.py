@@ -8,8 +8,9 @@ Per model (random init, eval mode; 4 batches of 16 at 224², VGG-16/CIFAR 8 of 6
                   the covariances cost at the least
   floor           1 + co-moment MACs / forward MACs: score()'s ratio if the co-moments ran
                   at the forward's MAC rate and nothing else cost anything
-  idle, shared    score() / inference, medians of interleaved rounds; "shared": a busy
-                  loop in another process holds one core meanwhile (as DataLoader workers do)
+  idle, shared    score() / inference, medians of interleaved rounds (in brackets: the
+                  rounds' range); "shared": a busy loop in another process holds one core
+                  meanwhile (as DataLoader workers do)
 
     python benchmarks/bench_overhead.py                      # ~6 min on 2 cores
     python benchmarks/bench_overhead.py --models mobilenet_v2 --repeats 3
@@ -97,14 +98,17 @@ def spin() -> None:
         pass
 
 
-def ratios(model: nn.Module, loader: list[torch.Tensor], repeats: int) -> float:
+def ratios(model: nn.Module, loader: list[torch.Tensor], repeats: int) -> str:
+    """score / inference: the median over interleaved rounds, and the rounds' range (how
+    much the machine moved the figure in this run)."""
     def inference():
         with torch.inference_mode():
             for x in loader:
                 model(x)
 
     t = interleaved({"inference": inference, "score": lambda: af.score(model, loader, progress=False)}, repeats)
-    return statistics.median(s / i for s, i in zip(t["score"], t["inference"]))
+    r = [s / i for s, i in zip(t["score"], t["inference"])]
+    return f"{statistics.median(r):.2f}× ({min(r):.2f}–{max(r):.2f})"
 
 
 def main() -> None:
@@ -129,8 +133,7 @@ def main() -> None:
         finally:
             busy.terminate()
             busy.join()
-        rows.append([name, f"{fwd / 1e9:.2f} G", f"{cov / 1e9:.2f} G", f"{1 + cov / fwd:.2f}×", f"{idle:.2f}×",
-                     f"{shared:.2f}×"])
+        rows.append([name, f"{fwd / 1e9:.2f} G", f"{cov / 1e9:.2f} G", f"{1 + cov / fwd:.2f}×", idle, shared])
         print(rows[-1], file=sys.stderr, flush=True)
     print(table(["model", "forward MACs / batch", "co-moment MACs / batch", "floor", "score / inference, idle",
                  "shared core"], rows))
