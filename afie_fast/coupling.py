@@ -11,6 +11,7 @@ cannot rewrite.
 from __future__ import annotations
 
 import contextlib
+import types
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -384,6 +385,40 @@ def _index_mapping(failed: list, nodes: list | None = None):
 
 
 @contextlib.contextmanager
+def _bounded_indices(limit: int):
+    """Torch-Pruning's traversal of one group stopped once it holds ``limit`` indices
+    (``reset()`` starts the count for the next group). Its flatten mapping (channel i →
+    indices i·s … i·s + s − 1) reads an attention's head split (C → heads × C/heads) as a
+    flatten, and on a residual stream through many blocks the indices multiply at each one:
+    prune() on Swin-T filled 24 GiB and was killed, on MaxViT-T as much, in a Python list.
+    A real group, a flatten into a Linear included, holds far fewer."""
+    flatten, group = tp.dependency.index_mapping._FlattenIndexMapping, tp.dependency.Group
+    real_flatten, real_add = flatten.__call__, group.add_dep
+    held = [0]
+
+    def refuse():
+        raise RuntimeError(f"its channel indices multiply past {limit:,} through reshapes it reads as flattens "
+                           f"(an attention's heads, block after block)")
+
+    def mapped(self, idxs):
+        if not self.reverse and len(idxs) * self._stride > limit:
+            refuse()
+        return real_flatten(self, idxs)
+
+    def add(self, dep, idxs):
+        held[0] += len(idxs)
+        if held[0] > limit:
+            refuse()
+        return real_add(self, dep, idxs)
+
+    flatten.__call__, group.add_dep = mapped, add
+    try:
+        yield types.SimpleNamespace(reset=lambda: held.__setitem__(0, 0))
+    finally:
+        flatten.__call__, group.add_dep = real_flatten, real_add
+
+
+@contextlib.contextmanager
 def _own_parameters_follow():
     """A conv subclass's own parameters and buffers of one entry per filter, which
     Torch-Pruning's conv pruner (weight and bias only) leaves alone, cut with its filters:
@@ -452,13 +487,16 @@ class Graph:
         dg, visited, found = self.dg, set(), []
         with _index_mapping([]):
             tp.dependency.index_mapping.update_index_mapping(dg)  # once: nothing is cut meanwhile
-        with _index_mapping([], nodes=[]), _watching_ties() as ties:
+        widest = max((max(width(m), m.in_channels if isinstance(m, Conv) else m.in_features)
+                      for m in dg.module2node if isinstance(m, (Conv, nn.Linear))), default=1)
+        with _index_mapping([], nodes=[]), _watching_ties() as ties, _bounded_indices(max(1 << 22, 64 * widest)) as held:
             for module in list(dg.module2node):
                 if not isinstance(module, (Conv, nn.Linear)):
                     continue
                 tick()
                 if module in visited:
                     continue
+                held.reset()
                 try:
                     group = dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels,
                                                  list(range(width(module))))

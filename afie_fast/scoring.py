@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -223,6 +224,7 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
     if distributed:
         for acc in accs.values():
             acc.all_reduce()
+    _drop_layers_never_called(observed, accs, linear)
     layer_scores = _activation_scores(observed, accs, criteria)
     meta.update(batches=n_batches, seconds=round(seconds, 3), positions=positions)
     report = AFIEReport(layer_scores, source="activations", meta=meta)
@@ -231,6 +233,26 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
         print(f"afie_fast: scored {len(report)} {_kind(linear)} on {n_batches} batches "
               f"({obs:,} activation vectors) in {seconds:.2f} s")
     return report
+
+
+def _drop_layers_never_called(observed: dict[str, Observed], accs: dict[str, CovarianceAccumulator],
+                              linear: bool) -> None:
+    """Layers the forward never called as modules have no activations: they are dropped
+    with a warning (all of them: an error). A forward may use a layer's weight directly,
+    as torchvision's Swin does its qkv (F.linear(x, self.qkv.weight)) and
+    nn.MultiheadAttention its out_proj; no hook sees that."""
+    unused = [name for name, acc in accs.items() if acc.count == 0]
+    if not unused:
+        return
+    if len(unused) == len(accs):
+        raise ValueError(f"none of the {len(accs)} {_kind(linear)} ran as a module during the pass, so none has "
+                         f"activations (does the model's forward use their weights directly?)")
+    shown = ", ".join(unused[:6]) + (", …" if len(unused) > 6 else "")
+    warnings.warn(f"{len(unused)} of the {_kind(linear)} never ran as modules during the pass and are not scored "
+                  f"({shown}): the forward uses their weights directly (as F.linear(x, layer.weight) in torchvision's "
+                  f"Swin, or nn.MultiheadAttention's out_proj), which no hook sees", stacklevel=3)
+    for name in unused:
+        del observed[name], accs[name]
 
 
 def _check_activation_args(loader, criteria, precision, max_batches, distributed) -> tuple[str, ...]:

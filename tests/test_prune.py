@@ -391,3 +391,26 @@ def test_whole_positions_rounds_down_to_a_count_the_unit_can_lose(width, groups,
     got = _whole_positions(unit, k)
     assert got == expected
     assert got % groups == 0 and (got == 0 or (width - got) % multiple == 0)
+
+
+def test_index_growth_is_bounded_per_group():
+    # Torch-Pruning reads an attention's head split as a flatten (channel i → s indices);
+    # around a residual stream the indices multiplied block after block until Swin-T's
+    # prune() held 24 GiB. Inside _bounded_indices a flatten or a group past the limit
+    # raises (groups() turns that into the group's cause), and reset() starts a new count.
+    from afie_fast.coupling import _bounded_indices
+
+    flatten = tp.dependency.index_mapping._FlattenIndexMapping
+    idxs = [tp._helpers._HybridIndex(idx=i, root_idx=i) for i in range(10)]
+    with _bounded_indices(100) as held:
+        assert len(flatten(stride=10)(idxs)) == 100
+        assert len(flatten(stride=10, reverse=True)(idxs * 50)) == 10  # narrowing (// 10, per root) is never refused
+        with pytest.raises(RuntimeError, match="multiply past 100"):
+            flatten(stride=11)(idxs)
+        group = tp.dependency.Group()
+        group.add_dep("a", idxs * 6)
+        with pytest.raises(RuntimeError, match="multiply past 100"):
+            group.add_dep("b", idxs * 5)
+        held.reset()
+        group.add_dep("c", idxs * 10)
+    assert len(flatten(stride=1000)(idxs)) == 10000  # Torch-Pruning's own again outside

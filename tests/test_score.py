@@ -193,3 +193,33 @@ def test_progress_output(capsys):
     captured = capsys.readouterr()
     assert "scored 3 conv layers on 2 batches" in captured.out
     assert "afie_fast score" in captured.err  # the tqdm bar
+
+
+class FunctionalUse(nn.Module):
+    """Linears whose weights the forward uses directly (as Swin's qkv, or
+    nn.MultiheadAttention's out_proj): their hooks never fire."""
+
+    def __init__(self, every: bool = False):
+        super().__init__()
+        self.every = every
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.qkv = nn.Linear(8, 24)
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, x):
+        if self.every:  # no layer runs as a module
+            x = torch.nn.functional.conv2d(x, self.conv.weight, self.conv.bias)
+        else:
+            x = self.conv(x)
+        y = torch.nn.functional.linear(x.mean((2, 3)), self.qkv.weight, self.qkv.bias)
+        return torch.nn.functional.linear(y, self.head.weight, self.head.bias) if self.every else self.head(y)
+
+
+def test_layers_the_forward_never_calls_are_named_and_left_out():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 9, 9, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match=r"1 of the conv and linear layers never ran as modules .*\(qkv\)"):
+        report = af.score(FunctionalUse(), [x, x + 1], progress=False, linear=True)
+    assert list(report.layers) == ["conv", "head"] and report.layers["head"].n_samples == 12
+    with pytest.raises(ValueError, match="none of the 3 conv and linear layers ran as a module"):
+        af.score(FunctionalUse(every=True), [x], progress=False, linear=True)

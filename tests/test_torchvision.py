@@ -122,3 +122,25 @@ def test_video_resnet_r3d_18_scores_exactly_and_prunes_at_the_defaults(tmp_path)
     torch.testing.assert_close(exported.module()(x[:1]), pruned(x[:1]))
     loaded = af.load_pruned(tv.models.video.r3d_18(num_classes=10), af.save_pruned(pruned, tmp_path / "p.safetensors"))
     assert torch.equal(loaded.eval()(x), pruned(x))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["swin_t", "vit_b_16"])
+def test_transformers_prune_their_mlps_with_linear(name):
+    # Tried as a new user would: Swin-T's prune() filled 24 GiB and was killed (Torch-Pruning
+    # reads its heads' reshapes as flattens, and the indices multiply block after block),
+    # and with linear=True score() refused the layers its forward uses as F.linear(x, w)
+    # ("0 observations: score it on more data"). Now: the unused layers are named in a
+    # warning, the exploding groups stay whole with their cause, and the MLPs carry 50%.
+    torch.manual_seed(0)
+    model = getattr(tv.models, name)(num_classes=10).eval()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning, match="never ran as modules"):
+        report = af.score(model, [x], progress=False, linear=True)
+    pruned, stats = af.prune(model, report, target=0.5, unit="flops", example_inputs=x[:1])
+    assert abs(stats.reached - 0.5) <= 0.01, stats.summary()
+    assert pruned(x).shape == (2, 10)
+    if name == "swin_t":
+        assert any("multiply past" in why for why in stats.skipped.values())
+        with pytest.raises(ValueError, match="nothing to prune in this SwinTransformer"):  # convs alone: one patch embed
+            af.prune(model, af.score(model, [x], progress=False), target=0.5, unit="flops", example_inputs=x[:1])
