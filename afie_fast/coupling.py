@@ -489,7 +489,7 @@ class Graph:
             tp.dependency.index_mapping.update_index_mapping(dg)  # once: nothing is cut meanwhile
         widest = max((max(width(m), m.in_channels if isinstance(m, Conv) else m.in_features)
                       for m in dg.module2node if isinstance(m, (Conv, nn.Linear))), default=1)
-        with _index_mapping([], nodes=[]), _watching_ties() as ties, _bounded_indices(max(1 << 22, 64 * widest)) as held:
+        with _index_mapping([], nodes=[]), _watching_ties() as ties, _bounded_indices(max(1 << 20, 16 * widest)) as held:
             for module in list(dg.module2node):
                 if not isinstance(module, (Conv, nn.Linear)):
                     continue
