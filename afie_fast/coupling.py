@@ -11,8 +11,8 @@ cannot rewrite.
 from __future__ import annotations
 
 import contextlib
-import types
 import math
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -489,7 +489,8 @@ class Graph:
             tp.dependency.index_mapping.update_index_mapping(dg)  # once: nothing is cut meanwhile
         widest = max((max(width(m), m.in_channels if isinstance(m, Conv) else m.in_features)
                       for m in dg.module2node if isinstance(m, (Conv, nn.Linear))), default=1)
-        with _index_mapping([], nodes=[]), _watching_ties() as ties, _bounded_indices(max(1 << 20, 16 * widest)) as held:
+        bounded = _bounded_indices(max(1 << 20, 16 * widest))
+        with _index_mapping([], nodes=[]), _watching_ties() as ties, bounded as held:
             for module in list(dg.module2node):
                 if not isinstance(module, (Conv, nn.Linear)):
                     continue

@@ -405,7 +405,7 @@ class _Run:
         the same forward also measures the model (MACs, params, conv calls, output shape)."""
         # The last trace's graph holds its copy and that forward's autograd graph in
         # reference cycles, which Python frees only at a full collection: without one, the
-        # hidden-tie search's retraces piled up (Twins-SVT-S: 11.8 GB, 1.4 GB with it).
+        # hidden-tie search's retraces piled up (Twins-SVT-S: 11.8 GB, 1.3 GB with it).
         self.work = self.graph = self.groups = self.units = self.cost = None
         gc.collect()
         self.work = copy_model(self.model)
