@@ -6,7 +6,9 @@ and each of the dozen hook dicts a module holds. Here the plain weights and buff
 cloned up front, and plain modules, dicts and tuples are rebuilt directly; anything else
 (tensor subclasses, views sharing storage, modules that define their own copy or pickle
 protocol, any other object) goes through ``copy.deepcopy`` with the same memo, so
-shared and cyclic references come out as deepcopy leaves them.
+shared and cyclic references come out as deepcopy leaves them. One difference: a tensor
+attribute with an autograd history (the weight ``nn.utils.weight_norm`` recomputes each
+forward), which deepcopy refuses, is copied detached.
 """
 from __future__ import annotations
 
@@ -65,6 +67,11 @@ def _copy(value: Any, memo: dict[int, Any]) -> Any:
         new = memo[id(value)] = kind()
         for k, v in value.items():
             new[k] = _copy(v, memo)
+        return new
+    if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+        # A weight a hook recomputes each forward (nn.utils.weight_norm keeps the last one as
+        # a plain attribute, an autograd result), which deepcopy refuses (pytorch#103001).
+        new = memo[id(value)] = value.detach().clone(memory_format=torch.preserve_format)
         return new
     if isinstance(value, nn.Module) and _plain_module(kind):
         state = value.__getstate__()

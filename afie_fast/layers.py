@@ -12,6 +12,17 @@ Layer = Conv | nn.Linear
 KINDS = ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d", "Linear")
 
 
+def eager(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper runs (it shares its parameters): hooks on the
+    compiled model make Dynamo break its graph at each one and recompile. A TorchScript
+    module runs no Python hooks and has no layers to cut: a TypeError saying so."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"a TorchScript module ({type(model).__name__}) runs no forward hooks and its layers cannot be "
+                        "cut: pass the nn.Module it was scripted or traced from")
+    inner = getattr(model, "_orig_mod", None)
+    return inner if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else model
+
+
 def width(module: nn.Module) -> int:
     """Filters of a conv (output channels), outputs of a linear layer."""
     return module.out_channels if isinstance(module, Conv) else module.out_features

@@ -15,12 +15,13 @@ from torch import nn
 from .calibration import recalibrate_bn
 from .copying import copy_model
 from .counting import Counting, Measured
-from .layers import Conv, Layer, layers_of, width
+from .layers import Conv, Layer, eager, layers_of, width
 from .coupling import RESIDUAL, Graph, Unit, build_graph, find_units, is_out_conv
 from .saving import pruning_plan
 from .handlers import heads_handler, refresh
 from .report import DEFAULT_DEGENERATE, DEGENERATE, MAX_RATIO, AFIEReport, allocate_ratios, round_counts, text_table
 from .scoring import l1_scores, scoring_mode
+from .traceable import make_traceable
 
 CRITERIA = ("l1", "variance", "independence", "random")
 DEFAULT_CRITERION = "l1"
@@ -257,7 +258,8 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
     whole unless the target needs them (``prune_residual="auto"``).
 
     Args:
-        model: the model the report was made for; it is not modified.
+        model: the model the report was made for; it is not modified (a ``torch.compile``
+            wrapper: the module it wraps is cut, and returned uncompiled).
         report: from :func:`afie_fast.score`.
         target: fraction of ``unit`` to remove.
         unit: "filters" (of the prunable convs), "flops" (as FlopCounterMode counts them:
@@ -294,6 +296,7 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
         ValueError: a target out of reach, with the cause (the layers left whole and why)
             and the largest reachable target.
     """
+    model = eager(model)
     criterion = _check_prune_args(model, target, unit, example_inputs, criterion, allocation, prune_residual,
                                   degenerate)
     convs0 = _check_report(model, report)
@@ -307,6 +310,12 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
         run = _Run(model, report, example_inputs.detach(), ignored, prune_residual, allocation, unit, target, bar,
                    degenerate)
         plan, work = run.reach(target, criterion, seed)
+        plain = run.restore(work)
+        if plain:
+            warnings.warn(f"{', '.join(plain[:4])}{' …' if len(plain) > 4 else ''}: computed from a parametrization "
+                          "(spectral norm, orthogonal, …) in the model; the pruned copy holds them as plain weights "
+                          "with the values they had, since a subset of filters does not keep that constraint",
+                          stacklevel=2)
         stats = run.stats(plan, target, criterion)
         work.afie_fast_plan = run.saved_plan()
     if calibrate is not None:
@@ -409,6 +418,7 @@ class _Run:
         self.work = self.graph = self.groups = self.units = self.cost = None
         gc.collect()
         self.work = copy_model(self.model)
+        self.restore = make_traceable(self.work)  # computed weights and frozen layers, cut like the rest
         self.layers = layers_of(self.work)
         counting = Counting(self.work) if count else contextlib.nullcontext()
         self._step("trace")
@@ -564,8 +574,9 @@ class _Run:
         # Scores index the original's channels, as the units' members do: l1 from the caller's
         # model, not from the copy, whose layers earlier cuts may have narrowed (a conv whose
         # channels two units share, as a residual stream fed by a concat).
-        _apply(self.graph, self.units, plan, self.report, layers_of(self.model), criterion, seed,
-               tick=self.bar.update)
+        with scoring_mode(self.model):  # a parametrized weight read in train mode would move its state
+            _apply(self.graph, self.units, plan, self.report, layers_of(self.model), criterion, seed,
+                   tick=self.bar.update)
         refresh(self.work)  # split sizes kept in attributes follow the cut layers
         self._step("check")
         # Counted like the original: by its conv and linear layers where they held every FLOP.

@@ -16,6 +16,7 @@ from .coupling import build_graph
 from .layers import Conv, layers_of, width
 from .scoring import scoring_mode
 from .handlers import refresh
+from .traceable import make_traceable
 
 PLAN_FORMAT = "afie_fast.pruned"
 PLAN_VERSION = 3  # 2: Linear layers in "layers", state-dict metadata; 3: every conv kind in "layers"
@@ -114,10 +115,12 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
         raise ValueError(f"{path} was made for another model ({plan['model']}): its conv layers and widths "
                          f"do not match this {type(model).__name__}")
     rebuilt = copy_model(model)
+    restore = make_traceable(rebuilt)
     example = torch.zeros(plan["input_shape"], dtype=getattr(torch, plan["input_dtype"]))
     with scoring_mode(rebuilt):
         build_graph(rebuilt, example).replay([[n, out, idxs] for n, out, idxs in plan["history"]])
     refresh(rebuilt)
+    restore(rebuilt)
     state._metadata = plan.get("state_dict_metadata", {})  # module versions, which safetensors does not keep
     rebuilt.load_state_dict(state, strict=True)
     rebuilt.afie_fast_plan = plan

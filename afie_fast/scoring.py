@@ -12,7 +12,7 @@ from torch import nn
 
 from . import _ext
 from .accumulator import CovarianceAccumulator, planar
-from .layers import Conv, Layer, filter_weights, kind, layers_of, width
+from .layers import Conv, Layer, eager, filter_weights, kind, layers_of, width
 from .observe import Observed, output_moments
 from .positions import Lattice, resolve
 from .report import AFIEReport, LayerScore
@@ -166,7 +166,8 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
     number of position axes.
 
     Args:
-        model: any nn.Module with conv layers; never changed (eval mode while scoring,
+        model: any nn.Module with conv layers (a ``torch.compile`` wrapper is scored
+            through the module it wraps); never changed (eval mode while scoring,
             each module's mode restored, hooks removed even on error).
         loader: an iterable of batches (a tensor, a tuple/list whose first tensor is the
             input, or a dict with "input"). Needed for ``source="activations"``.
@@ -203,6 +204,7 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
     Returns:
         AFIEReport with one LayerScore per selected layer, in model order.
     """
+    model = eager(model)
     source = source or ("activations" if loader is not None else "weights")
     if source not in SOURCES:
         raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
@@ -210,8 +212,9 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
     dev = _resolve_device(model, device)  # checked before any work, for both sources
     meta = {"model": type(model).__name__, "afie_fast": _ext._C.__version__}
     if source == "weights":
-        report = AFIEReport([_layer_score(n, c, weight_spectrum(c), {"l1": l1_scores(c)}, 0) for n, c in convs.items()],
-                            source="weights", meta=meta)
+        with scoring_mode(model):  # a parametrized weight (spectral norm) read in train mode would move its state
+            report = AFIEReport([_layer_score(n, c, weight_spectrum(c), {"l1": l1_scores(c)}, 0)
+                                 for n, c in convs.items()], source="weights", meta=meta)
         if progress:
             print(f"afie_fast: scored {len(report)} {_kind(linear)} from their weights")
         return report
@@ -225,7 +228,8 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
         for acc in accs.values():
             acc.all_reduce()
     _drop_layers_never_called(observed, accs, linear)
-    layer_scores = _activation_scores(observed, accs, criteria)
+    with scoring_mode(model):
+        layer_scores = _activation_scores(observed, accs, criteria)
     meta.update(batches=n_batches, seconds=round(seconds, 3), positions=positions)
     report = AFIEReport(layer_scores, source="activations", meta=meta)
     if progress:

@@ -1,5 +1,6 @@
 """score() against an independent float64 reference written plainly here."""
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -223,3 +224,30 @@ def test_layers_the_forward_never_calls_are_named_and_left_out():
     assert list(report.layers) == ["conv", "head"] and report.layers["head"].n_samples == 12
     with pytest.raises(ValueError, match="none of the 3 conv and linear layers ran as a module"):
         af.score(FunctionalUse(every=True), [x], progress=False, linear=True)
+
+
+def test_a_compiled_model_is_scored_and_pruned_through_the_module_it_wraps():
+    """Hooks on a torch.compile wrapper made Dynamo break its graph at every layer (a
+    warning per hook, a recompile per call) and prefixed every name with "_orig_mod."."""
+    torch.manual_seed(0)
+    model = randomised(ARCHS["vgg"]()).eval()
+    batches = loader(n_batches=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # inductor's imports touch torch.jit
+        compiled = torch.compile(model)
+    report, expected = af.score(compiled, batches, progress=False), af.score(model, batches, progress=False)
+    assert list(report.layers) == list(expected.layers)
+    assert [ls.afie for ls in report] == [ls.afie for ls in expected]
+    pruned, stats = af.prune(compiled, report, target=0.5, example_inputs=batches[0][0][:1], progress=False)
+    assert type(pruned) is type(model) and stats.reached == pytest.approx(0.5, abs=0.02)
+
+
+def test_a_torchscript_module_is_refused_with_what_to_pass():
+    model, x = ARCHS["vgg"]().eval(), [b for b, _ in loader(n_batches=1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch deprecates TorchScript; users still have it
+        scripted, traced = torch.jit.script(model), torch.jit.trace(model, x[0])
+    with pytest.raises(TypeError, match="TorchScript.*nn.Module it was scripted"):
+        af.score(scripted, x, progress=False)
+    with pytest.raises(TypeError, match="TorchScript"):
+        af.prune(traced, af.score(model, x, progress=False), example_inputs=x[0][:1])
