@@ -793,9 +793,13 @@ def _changes_output(dg: tp.DependencyGraph, item) -> bool:
 
 
 def _channel_groups(module: nn.Module) -> int:
-    """G of a grouped conv (not depthwise, whose channels pair one to one), else 1."""
+    """G of a grouped conv (not depthwise, whose channels pair one to one), or of a
+    GroupNorm (its channels must stay a multiple of its groups, and each channel in its
+    group: a cut mirrored across them keeps both), else 1."""
     if isinstance(module, Conv) and 1 < module.groups and not (module.groups == module.in_channels == module.out_channels):
         return module.groups
+    if isinstance(module, nn.GroupNorm) and 1 < module.num_groups < module.num_channels:
+        return module.num_groups
     return 1
 
 

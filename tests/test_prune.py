@@ -463,3 +463,47 @@ def test_retraces_do_not_pile_up(monkeypatch):
     model, x = FixedGather().eval(), torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(1))
     af.prune(model, af.score(model, [x], progress=False), target=0.25, unit="filters", example_inputs=x[:1])
     assert len(alive) > 1 and max(alive) <= 1, alive  # at most one a caller still holds
+
+
+class _GroupNormed(nn.Module):
+    """A ResNet-GN / BiT block (timm's resnetv2_50x1_bit, EfficientNet-GN, diffusion UNets,
+    detection heads): convs followed by GroupNorm, whose channels must stay a multiple of
+    its groups, each channel in the group it was in; and a residual add."""
+
+    def __init__(self, groups=(8, 4, 8)):
+        super().__init__()
+        self.stem, self.n0 = nn.Conv2d(3, 32, 3, padding=1), nn.GroupNorm(groups[0], 32)
+        self.a, self.na = nn.Conv2d(32, 48, 3, padding=1), nn.GroupNorm(groups[1], 48)
+        self.b, self.nb = nn.Conv2d(48, 32, 1), nn.GroupNorm(groups[2], 32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.n0(self.stem(x)))
+        x = torch.relu(x + self.nb(self.b(torch.relu(self.na(self.a(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_group_norm_keeps_its_groups_whole_and_aligned():
+    torch.manual_seed(0)
+    model = _GroupNormed().eval()
+    for m in model.modules():  # distinct biases: which filters survived, and where
+        if isinstance(m, (nn.Conv2d, nn.GroupNorm)):
+            nn.init.normal_(m.bias)
+    x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    report = af.score(model, [x], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # whole groups of filters: "the closest … get to 50%"
+        pruned, stats = af.prune(model, report, target=0.5, unit="flops", example_inputs=x[:1], prune_residual=True,
+                                 progress=False)
+    assert abs(stats.reached - 0.5) <= 0.05 and not stats.skipped, stats.summary()
+    for conv, norm in [("stem", "n0"), ("a", "na"), ("b", "nb")]:
+        old, new, gn = getattr(model, conv), getattr(pruned, conv), getattr(pruned, norm)
+        assert new.out_channels < old.out_channels and gn.num_channels == new.out_channels
+        g = gn.num_groups
+        assert new.out_channels % g == 0
+        kept = [int((old.bias == b).nonzero()) for b in new.bias]  # original index of each kept filter
+        size, old_size = new.out_channels // g, old.out_channels // g
+        # channel j of the cut layer is in group j // size, as its original was in group i // old_size
+        assert [i // old_size for i in kept] == [j // size for j in range(new.out_channels)]
+        torch.testing.assert_close(gn.bias, getattr(model, norm).bias[kept])
+    assert pruned(x).shape == (4, 5)

@@ -54,7 +54,7 @@ def test_timm_model_reaches_a_flops_target(name):
 # the target at its default (README "timm's CNNs at the defaults").
 FAMILIES = ["convnext_atto", "convnextv2_atto", "repvgg_a0", "mobileone_s0", "res2net50_14w_8s", "hrnet_w18_small",
             "mixnet_s", "skresnet18", "resnest14d", "ghostnetv2_100", "tf_efficientnetv2_b0", "repghostnet_050",
-            "nf_regnet_b0", "edgenext_xx_small"]
+            "nf_regnet_b0", "edgenext_xx_small", "resnetv2_50x1_bit", "efficientnet_b0_gn"]
 
 
 @pytest.mark.slow
