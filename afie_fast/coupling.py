@@ -420,17 +420,17 @@ def _bounded_indices(limit: int):
 
 @contextlib.contextmanager
 def _own_parameters_follow():
-    """A conv subclass's own parameters and buffers of one entry per filter, which
-    Torch-Pruning's conv pruner (weight and bias only) leaves alone, cut with its filters:
-    the gain of weight standardisation (timm's ScaledStdConv2d in NF-Nets, (out, 1, 1, 1)),
-    a per-filter scale."""
+    """A layer's own parameters and buffers of one entry per channel, which Torch-Pruning's
+    pruners (weight and bias only) leave alone, cut with its channels: the gain of weight
+    standardisation (timm's ScaledStdConv2d in NF-Nets, (out, 1, 1, 1)), a per-filter
+    scale, an InstanceNorm's running statistics (track_running_stats=True)."""
     real = tp.dependency.Dependency.__call__
 
     def call(dep, idxs):
         layer = dep.target.module
-        before = layer.out_channels if isinstance(layer, Conv) and not layer.transposed else None
+        before = _own_width(layer)
         result = real(dep, idxs)
-        if before is not None and layer.out_channels < before:
+        if before is not None and _own_width(layer) < before:
             gone = set(tp._helpers.to_plain_idxs(idxs))
             keep = torch.tensor([i for i in range(before) if i not in gone], dtype=torch.long)
             for name, t in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]:
@@ -447,6 +447,16 @@ def _own_parameters_follow():
         yield
     finally:
         tp.dependency.Dependency.__call__ = real
+
+
+def _own_width(layer: nn.Module) -> int | None:
+    """The channel count Torch-Pruning's pruner of ``layer`` changes, for the layers whose
+    other per-channel tensors _own_parameters_follow cuts."""
+    if isinstance(layer, Conv) and not layer.transposed:
+        return layer.out_channels
+    if isinstance(layer, nn.modules.instancenorm._InstanceNorm):
+        return layer.num_features
+    return None
 
 
 @contextlib.contextmanager

@@ -507,3 +507,25 @@ def test_group_norm_keeps_its_groups_whole_and_aligned():
         assert [i // old_size for i in kept] == [j // size for j in range(new.out_channels)]
         torch.testing.assert_close(gn.bias, getattr(model, norm).bias[kept])
     assert pruned(x).shape == (4, 5)
+
+
+def test_instance_norm_running_statistics_are_cut_with_its_channels():
+    """Torch-Pruning's InstanceNorm pruner cuts weight and bias but not the running
+    statistics that track_running_stats=True keeps: the forward then failed, and the conv
+    before it was left whole."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.InstanceNorm2d(16, affine=True, track_running_stats=True), nn.ReLU(),
+                          nn.Conv2d(16, 8, 1)).eval()
+    nn.init.normal_(model[0].bias)
+    model[1].running_mean.normal_(), model[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(4, 3, 10, 10, generator=torch.Generator().manual_seed(1))
+    report = af.score(model, [x], progress=False)
+    pruned, stats = af.prune(model, report, target=0.5, example_inputs=x[:1], progress=False)
+    kept = [int((model[0].bias == b).nonzero()) for b in pruned[0].bias]
+    assert 0 < len(kept) < 16 and "0" not in stats.skipped
+    for name in ("running_mean", "running_var", "weight", "bias"):
+        torch.testing.assert_close(getattr(pruned[1], name), getattr(model[1], name)[kept])
+    # in eval mode the norm is per channel: the cut model is the original on the kept channels
+    h = model[2](model[1](model[0](x)))[:, kept]
+    expected = torch.nn.functional.conv2d(h, model[3].weight[:, kept], model[3].bias)
+    torch.testing.assert_close(pruned(x), expected)
