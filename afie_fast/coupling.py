@@ -808,7 +808,7 @@ def _channel_groups(module: nn.Module) -> int:
     group: a cut mirrored across them keeps both), else 1."""
     if isinstance(module, Conv) and 1 < module.groups and not (module.groups == module.in_channels == module.out_channels):
         return module.groups
-    if isinstance(module, nn.GroupNorm) and 1 < module.num_groups < module.num_channels:
+    if isinstance(module, nn.GroupNorm) and 1 < module.num_groups:
         return module.num_groups
     return 1
 
@@ -850,6 +850,8 @@ def find_units(graph: Graph, groups: list, layers: Iterable[str], prune_residual
         g = 0
         if reason is None:
             g, reason = _mirrored(group, mirrors)
+        if reason is None and g >= len(group[0].idxs):
+            reason = _ONE_PER_GROUP
         if reason is not None:
             skipped.update((m[0], reason) for m in members if m[0] in layers)
             continue
@@ -909,6 +911,8 @@ def _mirrored(group, mirrors: int) -> tuple[int, str | None]:
     return max(g, mirrors, parts), None
 
 
+_ONE_PER_GROUP = ("its channels are groups of one (a conv with a channel multiplier, groups=in_channels < "
+                  "out_channels, or a GroupNorm with a group per channel reads them): a cut would empty a group")
 _UNEQUAL = ("a split into equal parts (Res2Net's width) whose parts do not line up with the coupled channels: a "
             "cut could not keep them equal")
 

@@ -529,3 +529,20 @@ def test_instance_norm_running_statistics_are_cut_with_its_channels():
     h = model[2](model[1](model[0](x)))[:, kept]
     expected = torch.nn.functional.conv2d(h, model[3].weight[:, kept], model[3].bias)
     torch.testing.assert_close(pruned(x), expected)
+
+
+@pytest.mark.parametrize("reader", ["channel multiplier", "group norm per channel"])
+def test_channels_read_in_groups_of_one_stay_whole_with_that_cause(reader):
+    """A conv with a channel multiplier (groups=in_channels, out_channels=k·in_channels)
+    and a GroupNorm with one channel per group read their input in groups of one: any cut
+    empties a group. Before, the first was a unit that could never be cut, named nowhere,
+    the second a cut that broke the forward."""
+    torch.manual_seed(0)
+    reading = (nn.Conv2d(16, 32, 3, groups=16) if reader == "channel multiplier"
+               else nn.Sequential(nn.GroupNorm(16, 16), nn.Conv2d(16, 32, 3)))
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), reading, nn.ReLU(), nn.Conv2d(32, 8, 1)).eval()
+    x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    report = af.score(model, [x], progress=False)
+    pruned, stats = af.prune(model, report, target=0.5, example_inputs=x[:1], progress=False)
+    assert stats.kept["0"] == (16, 16) and "groups of one" in stats.skipped["0"]
+    assert pruned(x).shape == (4, 8, 8, 8)
