@@ -47,6 +47,9 @@ class Unit:
 
     ``multiple``: the kept width must be a multiple of it (the heads of an attention that
     reads the channels: afie_fast.handlers.register_heads).
+
+    ``block``: B > 1 when B consecutive root channels become one channel downstream (a
+    pixel shuffle, upscale r: B = r²): they are cut whole, block by block.
     """
 
     root: nn.Module
@@ -59,11 +62,13 @@ class Unit:
     fixed: bool = False  # whether no other unit's cut can change the group's index mapping
     parts: list[frozenset[int]] = field(default_factory=list)
     multiple: int = 1
+    block: int = 1  # root channels go in whole blocks of this many (a pixel shuffle's r² into one)
 
     @property
     def keep(self) -> int:
-        """The fewest root channels a cut may leave: one per channel group, part and head."""
-        return max(self.channel_groups, len(self.parts), self.multiple)
+        """The fewest root channels a cut may leave: one per channel group, part and head,
+        and one block."""
+        return max(self.channel_groups, len(self.parts), self.multiple, self.block)
 
 
 class _ShapeRecorder(TorchFunctionMode):
@@ -79,6 +84,7 @@ class _ShapeRecorder(TorchFunctionMode):
         self.io: dict[Any, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # grad_fn → shapes of every op's first input and output
         self.layout: dict[Any, tuple[Callable, tuple, dict]] = {}  # grad_fn → a layout op, to replay on channel indices
         self.handled: list[nn.Module] = []  # the stack of such modules whose forward is running
+        self.cats: dict[Any, tuple[int, list[int]]] = {}  # grad_fn of a concat → (its dim, each input's size on it)
 
     @contextlib.contextmanager
     def watching_modules(self):
@@ -102,6 +108,10 @@ class _ShapeRecorder(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
+        if args and isinstance(args[0], (list, tuple)) and isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            if getattr(func, "__name__", "") in ("cat", "concat", "concatenate") and out.dim() > 0:
+                dim = kwargs.get("dim", args[1] if len(args) > 1 else 0) % out.dim()
+                self.cats.setdefault(out.grad_fn, (dim, [t.shape[dim] for t in args[0] if t.dim() == out.dim()]))
         if not args or not isinstance(args[0], torch.Tensor):
             return out
         name = getattr(func, "__name__", "")
@@ -181,6 +191,72 @@ def _mirrors(ties: set[tuple[int, int]], width: int) -> int | None:
     for a, b in ties:
         step = math.gcd(step, abs(a - b))
     return width // step if step > 1 or not ties else None
+
+
+def _blocks(ties: set[tuple[int, int]], width: int) -> int | None:
+    """B when every tie joins root channels of one block of B consecutive ones (a pixel
+    shuffle's r² channels that become one), the smallest such B that divides the width;
+    None when there is none short of the whole width."""
+    reach = max((abs(a - b) for a, b in ties), default=0)
+    for b in range(reach + 1, width):
+        if width % b == 0 and all(x // b == y // b for x, y in ties):
+            return b
+    return None
+
+
+class _BlockMapping:
+    """Through a pixel shuffle (N, C·B, H, W) → (N, C, rH, rW), B = r²: channel k is
+    channel k // B after it, and channel c after it is the block c·B … c·B + B − 1 before
+    (``expand``); a pixel unshuffle the other way round."""
+
+    def __init__(self, block: int, expand: bool) -> None:
+        self.block, self.expand = block, expand
+
+    def __call__(self, idxs):
+        hybrid = tp._helpers._HybridIndex
+        if self.expand:
+            mapped = {hybrid(i.idx * self.block + t, i.root_idx) for i in idxs for t in range(self.block)}
+        else:
+            mapped = {hybrid(i.idx // self.block, i.root_idx) for i in idxs}
+        return sorted(mapped)  # sorted and unique, as _GroupsMapping's
+
+
+def _map_shuffle(node, recorder: "_ShapeRecorder") -> bool:
+    """Index mapping of a pixel shuffle or unshuffle (an elementwise node to Torch-Pruning,
+    which then maps channels one to one across a change of width): True when ``node`` is one."""
+    kind = type(node.grad_fn).__name__
+    if not kind.startswith(("PixelShuffleBackward", "PixelUnshuffleBackward")) or node.grad_fn not in recorder.io:
+        return False
+    shape_in, shape_out = recorder.io[node.grad_fn]
+    unshuffle = kind.startswith("PixelUnshuffle")
+    block = shape_out[-3] // shape_in[-3] if unshuffle else shape_in[-3] // shape_out[-3]
+    for source in node.inputs:
+        for dep in source.dependencies:
+            if dep.target is node:
+                dep.index_mapping = [_BlockMapping(block, expand=unshuffle), None]
+        for dep in node.dependencies:
+            if dep.target is source:
+                dep.index_mapping = [_BlockMapping(block, expand=not unshuffle), None]
+    return True
+
+
+def _size_concats_after(dg: tp.DependencyGraph, shuffles: list, recorder: "_ShapeRecorder") -> None:
+    """A concat of channels one of whose inputs comes from a pixel shuffle through
+    elementwise ops: its input widths as traced. Torch-Pruning infers them from the layer
+    that made each input, whose width a shuffle changed, and its offsets then sent other
+    inputs' channels into the shuffle's branch."""
+    for node in dg.module2node.values():
+        dim, sizes = recorder.cats.get(node.grad_fn, (None, []))
+        if node.type != OPTYPE.CONCAT or dim != 1 or len(sizes) != len(node.inputs):
+            continue
+        for source in node.inputs:
+            seen = 0
+            while source not in shuffles and source.type == OPTYPE.ELEMENTWISE and len(source.inputs) == 1 and seen < 8:
+                source, seen = source.inputs[0], seen + 1
+            if source in shuffles:
+                node.module.concat_sizes = list(sizes)
+                tp.dependency.index_mapping.update_concat_index_mapping(dg, node)
+                break
 
 
 def _split_part(node, out) -> int | None:
@@ -489,11 +565,12 @@ class Graph:
         return self.dg._module2name  # torch-pruning keeps module names only here
 
     def groups(self, ignored: list[nn.Module], tick: Callable[[], object] = lambda: None
-               ) -> list[tuple[nn.Module, Any, str | None, int]]:
-        """(conv, its group or None, why not, G) for every conv's output channels, each
+               ) -> list[tuple[nn.Module, Any, str | None, int, int]]:
+        """(conv, its group or None, why not, G, B) for every conv's output channels, each
         coupled set once: torch-pruning's get_all_groups, with an error inside one group
         confined to that group. G > 1 when the root's channels are G mirrored copies (see
-        _mirrors). ``tick`` is called once per conv or linear layer."""
+        _mirrors), B > 1 when they go in blocks of B (see _blocks). ``tick`` is called once
+        per conv or linear layer."""
         dg, visited, found = self.dg, set(), []
         with _index_mapping([]):
             tp.dependency.index_mapping.update_index_mapping(dg)  # once: nothing is cut meanwhile
@@ -512,14 +589,15 @@ class Graph:
                     group = dg.get_pruning_group(module, dg.get_pruner_of_module(module).prune_out_channels,
                                                  list(range(width(module))))
                 except (IndexError, KeyError, ZeroDivisionError, ValueError, TypeError, RuntimeError) as exc:
-                    found.append((module, None, f"Torch-Pruning cannot map its coupling ({type(exc).__name__}: {exc})", 1))
+                    found.append((module, None, f"Torch-Pruning cannot map its coupling ({type(exc).__name__}: {exc})", 1, 1))
                     continue
                 outs = [item.dep.target.module for item in group if dg.is_out_channel_pruning_fn(item.dep.handler)]
                 visited.update(outs)
                 mirrors = _mirrors(ties[group], width(module)) if group in ties else 1
+                blocks = _blocks(ties[group], width(module)) or 1 if mirrors is None else 1
                 reason = ("ignored_layers (or coupled to one)" if any(m in ignored for m in outs) else
-                          _TIED if mirrors is None else None)
-                found.append((module, group, reason, mirrors or 1))
+                          _TIED if mirrors is None and blocks == 1 else None)
+                found.append((module, group, reason, mirrors or 1, blocks))
         return found
 
     def prune(self, unit: Unit, idxs: list[int]) -> None:
@@ -568,7 +646,11 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> Graph:
                               for n in failed if n not in chained}
     opaque.update((n, why) for n, why in chained.items() if why)
     handled, grouped = [], []
+    shuffles = [node for node in dg.module2node.values() if _map_shuffle(node, recorder)]
+    _size_concats_after(dg, shuffles, recorder)
     for node in dg.module2node.values():
+        if node in shuffles:
+            continue
         kind = _channel_change(node, recorder)
         if kind == "groups":
             grouped.append(node)
@@ -833,7 +915,7 @@ def find_units(graph: Graph, groups: list, layers: Iterable[str], prune_residual
     dg, names, layers = graph.dg, graph.names, set(layers)
     heads = _attention_layers(dg.model)
     units, skipped = [], {}
-    for root, group, reason, mirrors in groups:
+    for root, group, reason, mirrors, blocks in groups:
         if group is None:
             if names[root] in layers:
                 skipped[names[root]] = reason
@@ -852,11 +934,14 @@ def find_units(graph: Graph, groups: list, layers: Iterable[str], prune_residual
             g, reason = _mirrored(group, mirrors)
         if reason is None and g >= len(group[0].idxs):
             reason = _ONE_PER_GROUP
+        parts = _parts(group)
+        if reason is None and blocks > 1 and (g > 1 or parts or multiple > 1):
+            reason = _TIED  # blocks and another layout at once: no cut keeps both
         if reason is not None:
             skipped.update((m[0], reason) for m in members if m[0] in layers)
             continue
         units.append(Unit(group[0].dep.target.module, group[0].dep.handler, members, len(group[0].idxs), g,
-                          touched, group, _fixed_mapping(group), _parts(group), multiple))
+                          touched, group, _fixed_mapping(group), parts, multiple, blocks))
     return units, skipped
 
 

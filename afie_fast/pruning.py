@@ -122,6 +122,10 @@ def _choose(unit: Unit, scores: torch.Tensor, k: int) -> list[int]:
     loses the same positions in each of its G channel groups (the lowest summed over
     groups). No part of the unit (see Unit.parts) loses all its channels: a position that
     would take a part's last one is passed over for the next lowest."""
+    if unit.block > 1:  # whole blocks, the lowest summed (find_units gives such a unit no groups or parts)
+        per = scores.view(-1, unit.block).sum(1).tolist()
+        worst = sorted(range(len(per)), key=per.__getitem__)[:k // unit.block]
+        return [b * unit.block + t for b in sorted(worst) for t in range(unit.block)]
     g, size = unit.channel_groups, unit.width // unit.channel_groups
     per = scores.view(g, size).sum(0).tolist()
     order = sorted(range(size), key=per.__getitem__)  # a stable sort: ties by index
@@ -202,9 +206,10 @@ def _plan(units: list[Unit], report: AFIEReport, filter_target: float, allocatio
 
 def _whole_positions(unit: Unit, k: int) -> int:
     """The most filters up to ``k`` the unit can lose: a grouped unit loses whole positions
-    of its G groups (a multiple of G), and one read by attention heads keeps a multiple of
-    them. 0 when no count does (a width the heads do not divide)."""
-    while k > 0 and (k % unit.channel_groups or (unit.width - k) % unit.multiple):
+    of its G groups (a multiple of G), a blocked one whole blocks, and one read by
+    attention heads keeps a multiple of them. 0 when no count does (a width the heads do
+    not divide)."""
+    while k > 0 and (k % unit.channel_groups or k % unit.block or (unit.width - k) % unit.multiple):
         k -= 1
     return k
 

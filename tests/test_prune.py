@@ -375,22 +375,23 @@ def test_prune_progress_bar_counts_the_steps(monkeypatch, recwarn):
     assert bar.n == bar.total > convs + 2
 
 
-@pytest.mark.parametrize("width, groups, multiple, k, expected", [
-    (32, 1, 4, 10, 8),   # keeps 24, a multiple of the heads
-    (32, 2, 4, 7, 4),    # whole positions of 2 groups and a multiple of 4 kept
-    (32, 1, 1, 7, 7),
-    (7, 2, 2, 5, 0),     # no count keeps an odd width even with whole pairs: nothing, not a hang
-    (30, 1, 4, 20, 18),  # keeps 12: a multiple of the heads, though 30 was not
+@pytest.mark.parametrize("width, groups, multiple, block, k, expected", [
+    (32, 1, 4, 1, 10, 8),   # keeps 24, a multiple of the heads
+    (32, 2, 4, 1, 7, 4),    # whole positions of 2 groups and a multiple of 4 kept
+    (32, 1, 1, 1, 7, 7),
+    (7, 2, 2, 1, 5, 0),     # no count keeps an odd width even with whole pairs: nothing, not a hang
+    (30, 1, 4, 1, 20, 18),  # keeps 12: a multiple of the heads, though 30 was not
+    (32, 1, 1, 4, 10, 8),   # whole blocks of 4 (a pixel shuffle's r² channels)
 ])
-def test_whole_positions_rounds_down_to_a_count_the_unit_can_lose(width, groups, multiple, k, expected):
+def test_whole_positions_rounds_down_to_a_count_the_unit_can_lose(width, groups, multiple, block, k, expected):
     from types import SimpleNamespace
 
     from afie_fast.pruning import _whole_positions
 
-    unit = SimpleNamespace(width=width, channel_groups=groups, multiple=multiple)
+    unit = SimpleNamespace(width=width, channel_groups=groups, multiple=multiple, block=block)
     got = _whole_positions(unit, k)
     assert got == expected
-    assert got % groups == 0 and (got == 0 or (width - got) % multiple == 0)
+    assert got % groups == 0 and got % block == 0 and (got == 0 or (width - got) % multiple == 0)
 
 
 def test_index_growth_is_bounded_per_group():
@@ -546,3 +547,43 @@ def test_channels_read_in_groups_of_one_stay_whole_with_that_cause(reader):
     pruned, stats = af.prune(model, report, target=0.5, example_inputs=x[:1], progress=False)
     assert stats.kept["0"] == (16, 16) and "groups of one" in stats.skipped["0"]
     assert pruned(x).shape == (4, 8, 8, 8)
+
+
+class _SubPixel(nn.Module):
+    """ESPCN/EDSR's sub-pixel upsampler (a conv to C·r² channels, a pixel shuffle to C),
+    and a pixel unshuffle (space to depth) before a conv, with a concat of the stem
+    beside it: channel blocks of r² become one channel, or one channel a block."""
+
+    def __init__(self, r=2):
+        super().__init__()
+        self.stem, self.up = nn.Conv2d(3, 12, 3, padding=1), nn.Conv2d(12, 8 * r * r, 3, padding=1)
+        self.shuffle, self.mid = nn.PixelShuffle(r), nn.Conv2d(8, 6, 3, padding=1)
+        self.unshuffle, self.head = nn.PixelUnshuffle(r), nn.Conv2d(6 * r * r + 12, 5, 1)
+
+    def forward(self, x):
+        s = torch.relu(self.stem(x))
+        y = torch.relu(self.mid(self.shuffle(self.up(s))))
+        return self.head(torch.cat([self.unshuffle(y), s], 1))
+
+
+def test_pixel_shuffles_cut_whole_blocks_exactly():
+    """Before, the conv feeding a pixel shuffle was left whole (its cut, channel by
+    channel, broke the next conv) and a pixel unshuffle's input conv was cut as if the
+    shuffle kept channels one to one (the same failure). With the blocks that the
+    shuffles map zeroed, the cut must leave the outputs unchanged."""
+    torch.manual_seed(0)
+    model = _SubPixel().eval()
+    with torch.no_grad():
+        for name, zero in (("up", list(range(4, 8)) + list(range(20, 24))), ("mid", [1, 4]), ("stem", [2, 7, 9, 11])):
+            conv = getattr(model, name)  # whole blocks before the shuffle, single channels before the unshuffle
+            conv.weight[zero], conv.bias[zero] = 0, 0
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    report = af.score(model, [x], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pruned, stats = af.prune(model, report, target=1 / 3, allocation="uniform", example_inputs=x[:1],
+                                 progress=False)
+    assert stats.kept["up"] == (32, 24) and stats.kept["mid"] == (6, 4) and stats.kept["stem"] == (12, 8), stats.summary()
+    assert pruned.mid.in_channels == 6 and pruned.head.in_channels == 4 * 4 + 8
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), model(x))
