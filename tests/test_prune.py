@@ -587,3 +587,13 @@ def test_pixel_shuffles_cut_whole_blocks_exactly():
     assert pruned.mid.in_channels == 6 and pruned.head.in_channels == 4 * 4 + 8
     with torch.no_grad():
         torch.testing.assert_close(pruned(x), model(x))
+
+
+def test_pixel_shuffle_cuts_replay_on_load(tmp_path):
+    torch.manual_seed(0)
+    model, x = _SubPixel().eval(), torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    pruned, stats = af.prune(model, af.score(model, [x], progress=False), target=0.5, example_inputs=x[:1],
+                             progress=False)
+    assert stats.kept["up"][1] % 4 == 0 and stats.kept["up"][1] < 32
+    loaded = af.load_pruned(_SubPixel(), af.save_pruned(pruned, tmp_path / "p.safetensors"))
+    assert torch.equal(loaded.eval()(x), pruned(x))
