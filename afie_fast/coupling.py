@@ -230,13 +230,7 @@ def _map_shuffle(node, recorder: "_ShapeRecorder") -> bool:
     shape_in, shape_out = recorder.io[node.grad_fn]
     unshuffle = kind.startswith("PixelUnshuffle")
     block = shape_out[-3] // shape_in[-3] if unshuffle else shape_in[-3] // shape_out[-3]
-    for source in node.inputs:
-        for dep in source.dependencies:
-            if dep.target is node:
-                dep.index_mapping = [_BlockMapping(block, expand=unshuffle), None]
-        for dep in node.dependencies:
-            if dep.target is source:
-                dep.index_mapping = [_BlockMapping(block, expand=not unshuffle), None]
+    _map_inputs(node, _BlockMapping(block, expand=unshuffle), _BlockMapping(block, expand=not unshuffle))
     return True
 
 
@@ -294,13 +288,19 @@ def _map_groups(graph, node) -> None:
         for dep in [*node.dependencies, *out.dependencies]:
             if {dep.source, dep.target} == {node, out} and isinstance(dep.index_mapping[0], flatten):
                 dep.index_mapping[0] = None
+    _map_inputs(node, _GroupsMapping(groups, channels, reverse=False), _GroupsMapping(groups, channels, reverse=True))
+
+
+def _map_inputs(node, into: Callable, back: Callable) -> None:
+    """Channel indices from each input of ``node`` into it go through ``into``, and from
+    it back to the input through ``back``."""
     for source in node.inputs:
         for dep in source.dependencies:
             if dep.target is node:
-                dep.index_mapping = [_GroupsMapping(groups, channels, reverse=False), None]
+                dep.index_mapping = [into, None]
         for dep in node.dependencies:
             if dep.target is source:
-                dep.index_mapping = [_GroupsMapping(groups, channels, reverse=True), None]
+                dep.index_mapping = [back, None]
 
 
 def _into_groups(node, shapes: tuple, reduced: set) -> bool:
@@ -594,7 +594,7 @@ class Graph:
                 outs = [item.dep.target.module for item in group if dg.is_out_channel_pruning_fn(item.dep.handler)]
                 visited.update(outs)
                 mirrors = _mirrors(ties[group], width(module)) if group in ties else 1
-                blocks = _blocks(ties[group], width(module)) or 1 if mirrors is None else 1
+                blocks = (_blocks(ties[group], width(module)) or 1) if mirrors is None else 1
                 reason = ("ignored_layers (or coupled to one)" if any(m in ignored for m in outs) else
                           _TIED if mirrors is None and blocks == 1 else None)
                 found.append((module, group, reason, mirrors or 1, blocks))
