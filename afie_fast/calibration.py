@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .scoring import model_input
+from .inputs import run_batch
 
 DEFAULT_BATCHES = 50
 
@@ -51,7 +51,7 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int | None = DEF
         for batch in bar:
             if batches is not None and seen >= batches:
                 break
-            model(model_input(batch, input_fn).to(device))
+            run_batch(model, batch, input_fn, device)
             seen += 1
         if seen == 0:
             raise ValueError("the loader yielded no batches")

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import flop_registry
 
 from .handlers import heads_handler
@@ -124,11 +125,12 @@ class Counting:
             elif self.per_layer and self.dispatch and heads_handler(m) is not None:
                 self.hooks += self._heads_hooks(name, m)
 
-        def top(_m, args, out):
-            self.inputs.append(len(args[0]) if args and hasattr(args[0], "__len__") else 1)
+        def top(_m, args, kwargs, out):
+            first = next((t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)), None)
+            self.inputs.append(len(first) if first is not None and first.dim() > 0 else 1)  # the batch size
             self.shape.append(shapes(out))
 
-        self.hooks.append(self.model.register_forward_hook(top))
+        self.hooks.append(self.model.register_forward_hook(top, with_kwargs=True))
         self.flops = _Flops() if self.dispatch else None
         if self.flops is not None:
             self.flops.__enter__()

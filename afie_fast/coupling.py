@@ -21,6 +21,7 @@ import torch_pruning as tp
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .inputs import Inputs, call, map_tensors
 from .layers import Conv, width
 from .handlers import heads_handler, split_handler
 
@@ -28,6 +29,9 @@ OPTYPE = tp.ops.OPTYPE
 # torch functions whose output shape decides whether channels keep their meaning.
 _SHAPE_FUNCS = {"view", "reshape", "flatten", "unflatten", "split", "chunk", "split_with_sizes", "unbind",
                 "__getitem__", "narrow", "tensor_split", "unsafe_split", "_reshape_alias"}
+# Reductions, whose dims the recorder notes: over the channels, they end the channels' coupling.
+_REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod", "nansum",
+               "nanmean", "median", "nanmedian"}
 # Ops that only move elements, replayed on channel indices to follow a chain of them.
 _LAYOUT_FUNCS = {"view", "reshape", "flatten", "unflatten", "transpose", "permute", "swapaxes", "swapdims", "movedim",
                  "contiguous", "squeeze", "unsqueeze", "_reshape_alias"}
@@ -80,7 +84,7 @@ class _ShapeRecorder(TorchFunctionMode):
         super().__init__()
         self.shapes: dict[Any, tuple[tuple[int, ...], tuple[int, ...], str]] = {}
         self.owners: dict[Any, nn.Module] = {}  # grad_fn of a split → the innermost module with a split handler
-        self.reduced: set = set()  # grad_fns of reductions over dim 1 of a 5-D or wider tensor
+        self.reductions: dict[Any, tuple[tuple[int, ...], int]] = {}  # grad_fn → (dims reduced, input rank)
         self.io: dict[Any, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # grad_fn → shapes of every op's first input and output
         self.layout: dict[Any, tuple[Callable, tuple, dict]] = {}  # grad_fn → a layout op, to replay on channel indices
         self.handled: list[nn.Module] = []  # the stack of such modules whose forward is running
@@ -112,11 +116,14 @@ class _ShapeRecorder(TorchFunctionMode):
             if getattr(func, "__name__", "") in ("cat", "concat", "concatenate") and out.dim() > 0:
                 dim = kwargs.get("dim", args[1] if len(args) > 1 else 0) % out.dim()
                 self.cats.setdefault(out.grad_fn, (dim, [t.shape[dim] for t in args[0] if t.dim() == out.dim()]))
+                self.io.setdefault(out.grad_fn, (tuple(args[0][0].shape), tuple(out.shape)))
         if not args or not isinstance(args[0], torch.Tensor):
             return out
         name = getattr(func, "__name__", "")
         if isinstance(out, torch.Tensor) and out.grad_fn is not None:
             self._note_op(name, func, args, kwargs, out)
+        elif name in ("max", "min") and isinstance(out, tuple) and getattr(out[0], "grad_fn", None) is not None:
+            self._note_op(name, func, args, kwargs, out[0])  # (values, indices) of a reduction
         if name in _SHAPE_FUNCS:
             for o in out if isinstance(out, (tuple, list)) else (out,):
                 if isinstance(o, torch.Tensor) and o.grad_fn is not None:
@@ -126,15 +133,25 @@ class _ShapeRecorder(TorchFunctionMode):
         return out
 
     def _note_op(self, name: str, func: Callable, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
-        """Shapes of every op, the arguments of layout ops, and reductions over dim 1 of a
-        5-D or wider tensor (selective kernels' sum over the paths)."""
+        """Shapes of every op, the arguments of layout ops, and the dims of reductions."""
         self.io.setdefault(out.grad_fn, (tuple(args[0].shape), tuple(out.shape)))
         if name in _LAYOUT_FUNCS:
             self.layout.setdefault(out.grad_fn, (func, args[1:], dict(kwargs)))
-        if name in ("sum", "mean", "amax") and args[0].dim() >= 5:
-            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
-            if dim in (1, (1,), [1]):
-                self.reduced.add(out.grad_fn)
+        if name in _REDUCTIONS:
+            rank, at = args[0].dim(), 2 if name == "norm" else 1  # norm(x, p, dim)
+            dim = kwargs.get("dim", args[at] if len(args) > at else None)
+            is_dim = lambda d: isinstance(d, int) and not isinstance(d, bool)  # std(x, True): unbiased
+            if is_dim(dim) or isinstance(dim, (tuple, list)) and dim and all(map(is_dim, dim)):
+                dims = (dim,) if isinstance(dim, int) else tuple(dim)
+                self.reductions.setdefault(out.grad_fn, (tuple(sorted(d % max(rank, 1) for d in dims)), rank))
+            elif dim is None:  # over every dim (max(x, other) is elementwise: its second argument is a tensor)
+                self.reductions.setdefault(out.grad_fn, (tuple(range(rank)), rank))
+
+    @property
+    def reduced(self) -> set:
+        """grad_fns of reductions over dim 1 of a 5-D or wider tensor (selective kernels'
+        sum over the paths)."""
+        return {fn for fn, (dims, rank) in self.reductions.items() if dims == (1,) and rank >= 5}
 
 
 def _keeps_channels(shape_in: tuple[int, ...], shape_out: tuple[int, ...]) -> bool:
@@ -328,6 +345,11 @@ def _into_groups(node, shapes: tuple, reduced: set) -> bool:
     return True
 
 
+# Ops that keep a tensor's shape but move its elements, which Torch-Pruning reads as
+# elementwise: no chain through one leaves the channels in place.
+_MOVERS = ("Flip", "Roll", "Rot90", "Gather", "Index", "Scatter", "Sort", "Take")
+
+
 def _channel_chain(start, recorder: _ShapeRecorder) -> tuple[list, bool] | None:
     """For a reshape that moves the channels off dim 1 (ResNeSt's radix softmax: a view to
     (cardinality, radix, C), a transpose, a softmax, a view back), the nodes up to the
@@ -353,7 +375,7 @@ def _channel_chain(start, recorder: _ShapeRecorder) -> tuple[list, bool] | None:
         # (a node neither recorded is inside a recorded op: the copy a reshape makes)
         if node is not start and node.type == OPTYPE.RESHAPE and tuple(idx.shape[:2]) == shape_in[:2]:
             return chain, bool(torch.equal(idx.reshape(-1), torch.arange(idx.numel(), dtype=torch.float64)))
-        if len(node.outputs) != 1:
+        if len(node.outputs) != 1 or type(node.grad_fn).__name__.startswith(_MOVERS):
             return None
         node = node.outputs[0]
         if len(node.inputs) != 1 or node.type not in (OPTYPE.RESHAPE, OPTYPE.ELEMENTWISE):
@@ -362,12 +384,15 @@ def _channel_chain(start, recorder: _ShapeRecorder) -> tuple[list, bool] | None:
 
 
 def _map_identity(node) -> None:
-    """A node of a chain that leaves every channel in place (see _channel_chain): what
-    Torch-Pruning read as a flatten to or from it maps channels one to one."""
-    flatten = tp.dependency.index_mapping._FlattenIndexMapping
+    """A node of a chain that leaves every channel in place (see _channel_chain,
+    _group_statistics): what Torch-Pruning read as a flatten (a reshape) or a repeat (a
+    5-D expand, its mapping for grouped-query attention) to or from it maps channels one
+    to one."""
+    mappings = tp.dependency.index_mapping
+    ours = (mappings._FlattenIndexMapping, mappings._GQAIndexMapping)
     deps = [*node.dependencies, *(d for n in [*node.inputs, *node.outputs] for d in n.dependencies if d.target is node)]
     for dep in deps:
-        dep.index_mapping = [None if isinstance(m, flatten) else m for m in dep.index_mapping]
+        dep.index_mapping = [None if isinstance(m, ours) else m for m in dep.index_mapping]
 
 
 def _map_split(graph, node) -> None:
@@ -499,11 +524,15 @@ def _own_parameters_follow():
     """A layer's own parameters and buffers of one entry per channel, which Torch-Pruning's
     pruners (weight and bias only) leave alone, cut with its channels: the gain of weight
     standardisation (timm's ScaledStdConv2d in NF-Nets, (out, 1, 1, 1)), a per-filter
-    scale, an InstanceNorm's running statistics (track_running_stats=True)."""
+    scale, an InstanceNorm's running statistics (track_running_stats=True); and a
+    LayerNorm's channels on the dim that holds them (_find_norm_dims)."""
     real = tp.dependency.Dependency.__call__
 
     def call(dep, idxs):
         layer = dep.target.module
+        if hasattr(dep.target, "afie_norm_dim"):  # a LayerNorm whose channels are not its last dim
+            _cut_layer_norm(layer, dep.target.afie_norm_dim, tp._helpers.to_plain_idxs(idxs))
+            return layer
         before = _own_width(layer)
         result = real(dep, idxs)
         if before is not None and _own_width(layer) < before:
@@ -626,22 +655,23 @@ class Graph:
             self.dg.load_pruning_history(history)
 
 
-def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> Graph:
+def build_graph(model: nn.Module, example_inputs: Inputs) -> Graph:
     """Trace ``model`` (in eval mode, BN statistics untouched) into a dependency graph."""
     recorder, failed = _ShapeRecorder(), []
 
     def forward(m, x):
         with recorder, recorder.watching_modules():
-            return m(x)
+            return call(m, x)
 
     # Torch-Pruning traces through autograd: a caller's no_grad or inference_mode would hide
     # every edge (and an inference tensor cannot enter autograd: hence the clone).
     with _index_mapping(failed), torch.inference_mode(False), torch.enable_grad():
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs.clone(), forward_fn=forward,
-                                                   verbose=False)
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=map_tensors(example_inputs, torch.clone),
+                                                   forward_fn=forward, verbose=False)
     _drop_parameter_paths(dg)
     _map_channel_concats(dg, recorder)
     chained = _layout_chains(dg, recorder)
+    chained.update(_group_statistics(dg, recorder))
     opaque: dict[Any, str] = {n: f"a channel {_KIND.get(n.type, 'coupling')} Torch-Pruning cannot map"
                               for n in failed if n not in chained}
     opaque.update((n, why) for n, why in chained.items() if why)
@@ -669,6 +699,8 @@ def build_graph(model: nn.Module, example_inputs: torch.Tensor) -> Graph:
             _map_split(dg, node)
         for node in grouped:
             _map_groups(dg, node)
+    _end_collapsed_channels(dg, recorder)
+    _find_norm_dims(dg, recorder)
     # A group reaches an opaque node (and is refused for it) but goes no further: through
     # it the channel mapping is unknown, and an identity mapping would join whole networks
     # into one huge group.
@@ -693,6 +725,96 @@ def _map_channel_concats(dg: tp.DependencyGraph, recorder: _ShapeRecorder) -> No
         if node.type in (OPTYPE.CONCAT, OPTYPE.SPLIT) and not node.enable_index_mapping:
             dims = {_channel_dim(n, recorder, memo) for n in node.inputs} - {None}  # a split's part: not known
             node.enable_index_mapping = dims == {1}
+
+
+def _end_collapsed_channels(dg: tp.DependencyGraph, recorder: _ShapeRecorder) -> None:
+    """Where a tensor's channels are not what Torch-Pruning maps one to one onto the next
+    node's, no channel index crosses (the channels' dim is found from the trace, see
+    _channel_dim). Three cases, each of which coupled a conv's channels with something
+    else: a reduction over the channel dim (CBAM's and triplet attention's mean and max
+    over channels); a layer that reads them on another dim (ECA's Conv1d, whose length
+    runs over a conv's channels); and an elementwise op's input of one channel broadcast
+    over many, or with its channels on another dim (CBAM's spatial attention map, ECA's
+    gate made by that Conv1d). A cut changes their values (a mean over fewer channels, a
+    shorter Conv1d), never their shapes."""
+    memo: dict = {}
+    dim = lambda n: _channel_dim(n, recorder, memo)
+    for node in dg.module2node.values():
+        if node.grad_fn in recorder.reductions and len(node.inputs) == 1:
+            if dim(node.inputs[0]) in recorder.reductions[node.grad_fn][0]:
+                _sever(node.inputs[0], node)
+        elif isinstance(node.module, (Conv, nn.Linear, nn.modules.batchnorm._BatchNorm)):
+            shape = recorder.io.get(node.grad_fn, ((),))[0]
+            expected = len(shape) - 1 if isinstance(node.module, nn.Linear) else 1
+            across = [i for i in node.inputs if dim(i) not in (None, expected)]
+            for i in across:
+                _sever(i, node)
+            if across and isinstance(node.module, Conv):
+                _sever_where_combined(node)
+        elif node.type == OPTYPE.ELEMENTWISE and len(node.inputs) > 1:
+            out = recorder.io.get(node.grad_fn, ((), ()))[1]
+            seen = [(i, dim(i), recorder.io.get(i.grad_fn, ((), ()))[1]) for i in node.inputs]
+            seen = [(i, d, shape) for i, d, shape in seen if d is not None and len(shape) == len(out) > d]
+            if len(seen) < 2:
+                continue
+            widest = max(seen, key=lambda t: t[2][t[1]])[1]  # the dim of the most channels
+            for i, d, shape in seen:
+                if d != widest or shape[d] == 1 < out[d]:
+                    _sever(i, node)
+
+
+def _sever_where_combined(layer) -> None:
+    """A conv run along another conv's channels (ECA's Conv1d) makes a map whose positions
+    are those channels: where its own chain of single-input ops (a transpose back, a
+    sigmoid, an expand) meets another tensor, its channels are not that tensor's."""
+    frontier, seen = [(layer, n) for n in layer.outputs], set()
+    while frontier:
+        prev, node = frontier.pop()
+        if node in seen or isinstance(node.module, (Conv, nn.Linear)) or node.type == OPTYPE.CONCAT:
+            continue
+        seen.add(node)
+        if len(node.inputs) > 1:
+            _sever(prev, node)
+        else:
+            frontier.extend((node, n) for n in node.outputs)
+
+
+def _sever(a, b) -> None:
+    """No channel index crosses between nodes ``a`` and ``b`` (the second slot: the first is
+    what Torch-Pruning's updaters rewrite)."""
+    for x, y in ((a, b), (b, a)):
+        for dep in x.dependencies:
+            if dep.target is y:
+                dep.index_mapping[1] = _cut
+
+
+def _find_norm_dims(dg: tp.DependencyGraph, recorder: _ShapeRecorder) -> None:
+    """For each nn.LayerNorm, which dim of its normalized_shape holds the channels, as
+    ``node.afie_norm_dim`` (None: none does) where it is not the last: GCNet's
+    LayerNorm([C, 1, 1]) on (N, C, 1, 1). Torch-Pruning cuts the last, and crashed there.
+    Subclasses (timm's LayerNorm2d, which permutes inside) keep Torch-Pruning's own cut."""
+    memo: dict = {}
+    for node in dg.module2node.values():
+        if type(node.module) is not nn.LayerNorm or len(node.inputs) != 1 or node.grad_fn not in recorder.io:
+            continue
+        d, rank = _channel_dim(node.inputs[0], recorder, memo), len(recorder.io[node.grad_fn][0])
+        if d is not None and d - rank != -1:
+            node.afie_norm_dim = d - rank if d - rank >= -len(node.module.normalized_shape) else None
+
+
+def _cut_layer_norm(layer: nn.LayerNorm, dim: int | None, idxs: list[int]) -> None:
+    """Cut a LayerNorm's channels ``idxs`` on its normalized dim ``dim`` (see _find_norm_dims)."""
+    if dim is None:
+        return
+    gone = set(idxs)
+    keep = torch.tensor([i for i in range(layer.normalized_shape[dim]) if i not in gone], dtype=torch.long)
+    for name in ("weight", "bias"):
+        t = getattr(layer, name)
+        if t is not None:
+            setattr(layer, name, nn.Parameter(t.data.index_select(dim, keep.to(t.device)), requires_grad=t.requires_grad))
+    shape = list(layer.normalized_shape)
+    shape[dim] = len(keep)
+    layer.normalized_shape = tuple(shape)
 
 
 def _drop_parameter_paths(dg: tp.DependencyGraph) -> None:
@@ -749,8 +871,95 @@ def _layout_chains(dg: tp.DependencyGraph, recorder: _ShapeRecorder) -> dict[Any
     return found
 
 
+# Ops a region of group statistics may hold (by grad_fn): elementwise maths, reductions
+# (held to the trailing dims by the shapes), and views that keep the memory order. Anything
+# else (a transpose, a flip, a gather) could move channels between the reshapes.
+_GROUP_STATISTICS_OPS = ("Var", "Std", "Mean", "Sum", "Amax", "Amin", "Norm", "LinalgVectorNorm", "Add", "Sub",
+                         "Mul", "Div", "Sqrt", "Rsqrt", "Pow", "Square", "Exp", "Log", "Abs", "Clamp", "Neg",
+                         "Reciprocal", "Sigmoid", "ToCopy", "Clone", "Expand", "View", "UnsafeView", "Reshape",
+                         "Squeeze", "Unsqueeze", "Alias")
+
+
+def _group_statistics(dg: tp.DependencyGraph, recorder: _ShapeRecorder) -> dict[Any, str]:
+    """The nodes of regions that compute statistics over G channel groups in the model's
+    own code: a reshape (N, C, …) → (N, G, …), ops that keep the G axis (reductions over
+    the trailing dims, elementwise maths, expands), and reshapes back to (N, C, …). timm's
+    EvoNorm-S0 (its group std), a GroupNorm written by hand (x.view(N, G, -1), normalised,
+    viewed back). Every channel comes back where it was, so the region maps them one to
+    one; its G groups of C/G consecutive channels are kept as a GroupNorm's are
+    (_channel_groups: a cut mirrored across them)."""
+    found: dict[Any, str] = {}
+    for node in dg.module2node.values():
+        if node in found or getattr(node, "afie_chain", False):
+            continue
+        region = _grouped_region(node, recorder)
+        if region is None:
+            continue
+        nodes, groups = region
+        for n in nodes:
+            found[n] = ""
+            n.afie_chain = n.afie_identity = True
+        node.afie_channel_groups = groups
+    return found
+
+
+def _into_grouped(node, recorder: _ShapeRecorder) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(shape in, shape out) of a reshape (N, C, …) → (N, G, …) that keeps the memory
+    order, 1 < G < C, G dividing C; None for any other node."""
+    seen = recorder.shapes.get(node.grad_fn)
+    if node.type != OPTYPE.RESHAPE or seen is None or node.grad_fn not in recorder.layout:
+        return None
+    shape_in, shape_out = seen[0], seen[1]
+    if len(shape_in) < 3 or len(shape_out) < 3 or shape_in[0] != shape_out[0] or seen[2] not in (
+            "view", "reshape", "flatten", "unflatten", "_reshape_alias"):
+        return None
+    channels, groups = shape_in[1], shape_out[1]
+    if not (1 < groups < channels and channels % groups == 0):
+        return None
+    return shape_in, shape_out
+
+
+def _grouped_region(start, recorder: _ShapeRecorder) -> tuple[set, int] | None:
+    """The nodes from the reshape into groups ``start`` to the reshapes back (see
+    _group_statistics) and G; None when ``start`` begins no such region. The region is
+    closed both ways: what its ops read comes from it, or from the same input read into
+    the same groups again (a mean and a variance each from its own view)."""
+    entry = _into_grouped(start, recorder)
+    if entry is None or len(start.inputs) != 1:
+        return None
+    shape_in, shape_out = entry
+    nodes, exits, frontier = set(), 0, [start]
+    while frontier:
+        n = frontier.pop()
+        if n in nodes:
+            continue
+        if len(nodes) > 64:
+            return None
+        nodes.add(n)
+        if _into_grouped(n, recorder) == entry and n.inputs == start.inputs:
+            frontier.extend(n.outputs)
+            continue
+        shapes = recorder.io.get(n.grad_fn)
+        if n.type == OPTYPE.RESHAPE and shapes is not None and tuple(shapes[1]) == shape_in:
+            exits += 1  # channels again, each where it was
+            frontier.extend(n.inputs)
+            continue
+        if not type(n.grad_fn).__name__.startswith(_GROUP_STATISTICS_OPS) or not n.outputs or not n.inputs:
+            return None
+        trailing = tuple(shapes[1][2:]) if shapes is not None else shape_out[2:]
+        if shapes is not None and (tuple(shapes[1][:2]) != shape_out[:2] or not (
+                math.prod(trailing) == 1 or len(trailing) == len(shape_out) - 2
+                and all(t in (1, s) for t, s in zip(trailing, shape_out[2:])))):
+            return None  # the groups mixed, the trailing dims reordered, or not a grouped tensor at all
+        frontier.extend([*n.outputs, *n.inputs])
+    return (nodes, shape_out[1]) if exits else None
+
+
 def _only_unit_dims(shape_in: tuple[int, ...], shape_out: tuple[int, ...]) -> bool:
-    """Whether a reshape only adds or drops size-1 dims after the first two."""
+    """Whether a reshape only adds or drops size-1 dims after the first two, or views a
+    vector of one entry per channel (a parameter: EvoNorm's v, (C,) → (1, C, 1, 1)) as channels."""
+    if len(shape_in) == 1 and len(shape_out) >= 2:
+        return shape_out[1] == shape_in[0] == math.prod(shape_out)
     return (len(shape_in) >= 2 and shape_in[:2] == shape_out[:2] and shape_in != shape_out
             and [d for d in shape_in[2:] if d != 1] == [d for d in shape_out[2:] if d != 1])
 
@@ -884,10 +1093,14 @@ def _changes_output(dg: tp.DependencyGraph, item) -> bool:
     return not node.outputs and not absorbed
 
 
-def _channel_groups(module: nn.Module) -> int:
-    """G of a grouped conv (not depthwise, whose channels pair one to one), or of a
-    GroupNorm (its channels must stay a multiple of its groups, and each channel in its
-    group: a cut mirrored across them keeps both), else 1."""
+def _channel_groups(node) -> int:
+    """G of a grouped conv (not depthwise, whose channels pair one to one), of a GroupNorm
+    or of group statistics in a model's own code (_group_statistics: their channels must
+    stay a multiple of G, and each channel in its group: a cut mirrored across them keeps
+    both), else 1."""
+    module = node.module
+    if hasattr(node, "afie_channel_groups"):
+        return node.afie_channel_groups
     if isinstance(module, Conv) and 1 < module.groups and not (module.groups == module.in_channels == module.out_channels):
         return module.groups
     if isinstance(module, nn.GroupNorm) and 1 < module.num_groups:
@@ -932,7 +1145,9 @@ def find_units(graph: Graph, groups: list, layers: Iterable[str], prune_residual
         g = 0
         if reason is None:
             g, reason = _mirrored(group, mirrors)
-        if reason is None and g >= len(group[0].idxs):
+        if reason is None and len(group[0].idxs) == 1:
+            reason = "a single filter"
+        elif reason is None and g >= len(group[0].idxs):
             reason = _ONE_PER_GROUP
         parts = _parts(group)
         if reason is None and blocks > 1 and (g > 1 or parts or multiple > 1):
@@ -988,7 +1203,7 @@ def _members(graph: Graph, group, layers: set[str]) -> list[tuple[str, list[int]
 def _mirrored(group, mirrors: int) -> tuple[int, str | None]:
     """In how many mirrored copies the group is cut (a grouped conv's groups, tied copies,
     a split's equal parts: each loses the same positions), or why it cannot be."""
-    g = max(_channel_groups(item.dep.target.module) for item in group)
+    g = max(_channel_groups(item.dep.target) for item in group)
     parts = _equal_parts(group)
     # G mirrored copies and G channel groups are one layout (ResNeSt's radix convs: copy r is group r)
     if mirrors > 1 and g not in (1, mirrors) or parts is None or parts > 1 and g not in (1, parts):
@@ -1056,8 +1271,10 @@ def _reaches_output(dg: tp.DependencyGraph, group) -> str | None:
 
 
 def _residual(nodes: list, members: list, prune_residual: bool) -> str | None:
-    """A residual stream: two or more convs' outputs added (or subtracted) together."""
-    added = any(n.type == OPTYPE.ELEMENTWISE and type(n.grad_fn).__name__.startswith(("Add", "Sub")) for n in nodes)
+    """A residual stream: two or more convs' outputs added (or subtracted) together (not one
+    shared conv's two calls: CBAM's MLP on the average and on the max)."""
+    added = any(n.type == OPTYPE.ELEMENTWISE and type(n.grad_fn).__name__.startswith(("Add", "Sub"))
+                and len(set(n.inputs)) > 1 for n in nodes)
     return f"{RESIDUAL} (prune_residual=False)" if not prune_residual and len(members) > 1 and added else None
 
 
@@ -1076,11 +1293,11 @@ def _misaligned_groups(group) -> str | None:
     conv's groups must line up with the root's channels (channel i of the conv at the
     position within its group of root channel r: one to one, or a mirrored copy as in
     ResNeSt, whose radix copy k is group k of its conv)."""
-    g = max(_channel_groups(item.dep.target.module) for item in group)
+    g = max(_channel_groups(item.dep.target) for item in group)
     if g == 1:
         return None
     size = len(group[0].idxs) // g
-    aligned = all(i % size == r % size for item in group if _channel_groups(item.dep.target.module) > 1
+    aligned = all(i % size == r % size for item in group if _channel_groups(item.dep.target) > 1
                   for i, r in zip(item.idxs, item.root_idxs))
     if len(group[0].idxs) % g or not aligned:
         return "a grouped conv whose groups do not align with the coupled channels"

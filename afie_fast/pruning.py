@@ -15,6 +15,8 @@ from torch import nn
 from .calibration import recalibrate_bn
 from .copying import copy_model
 from .counting import Counting, Measured
+from .inputs import Inputs, call, map_tensors
+from .inputs import check as check_inputs
 from .layers import Conv, Layer, eager, layers_of, width
 from .coupling import RESIDUAL, Graph, Unit, build_graph, find_units, is_out_conv
 from .saving import pruning_plan
@@ -247,7 +249,7 @@ def _why_short(skipped: dict[str, str], prune_residual: bool | str) -> str:
 
 @torch.inference_mode(False)  # the copy and the cut make tensors autograd must trace
 def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: str = "filters",
-          example_inputs: torch.Tensor, criterion: str | None = None, prune_residual: bool | str = "auto",
+          example_inputs: Inputs, criterion: str | None = None, prune_residual: bool | str = "auto",
           ignored_layers: Sequence[str | nn.Module] | None = None, seed: int = 0,
           allocation: str = "afie", calibrate: Iterable | None = None,
           progress: bool = True, degenerate: str = DEFAULT_DEGENERATE) -> tuple[nn.Module, PruneStats]:
@@ -271,7 +273,9 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
             conv, linear, matmul) or "params"; for the last two the filter fraction is
             searched on a cost model of the graph so that the measured reduction lands
             within 1% of ``target``.
-        example_inputs: an input batch for tracing and counting, e.g. ``torch.randn(1, 3, 32, 32)``.
+        example_inputs: an input batch for tracing and counting, e.g. ``torch.randn(1, 3, 32, 32)``;
+            for a model of several inputs a tuple (positional) or a dict (keyword
+            arguments), e.g. ``(x[:1], t[:1])`` for a U-Net's ``forward(x, t)``.
         criterion: which filters within a layer: "l1", "variance", "independence"
             (activations reports), or "random" (seeded). Default "l1".
         prune_residual: whether the channels of residual streams (added to a block's
@@ -312,8 +316,8 @@ def prune(model: nn.Module, report: AFIEReport, *, target: float = 0.5, unit: st
 
     with _collector_paused(), tqdm(desc="afie_fast prune", unit="step", total=0, delay=PROGRESS_DELAY_S,
                                    disable=not progress, leave=False) as bar:
-        run = _Run(model, report, example_inputs.detach(), ignored, prune_residual, allocation, unit, target, bar,
-                   degenerate)
+        run = _Run(model, report, map_tensors(example_inputs, torch.Tensor.detach), ignored, prune_residual, allocation,
+                   unit, target, bar, degenerate)
         plan, work = run.reach(target, criterion, seed)
         plain = run.restore(work)
         if plain:
@@ -361,8 +365,7 @@ def _check_prune_args(model, target, unit, example_inputs, criterion, allocation
         raise ValueError(f"prune_residual must be True, False or 'auto', got {prune_residual!r}")
     if not isinstance(target, (int, float)) or not 0 <= target < 1:
         raise ValueError(f"target must be a fraction in [0, 1), got {target!r}")
-    if not isinstance(example_inputs, torch.Tensor):
-        raise TypeError("example_inputs must be a tensor batch the model accepts, e.g. torch.randn(1, 3, 32, 32)")
+    check_inputs(example_inputs)
     return criterion
 
 
@@ -388,7 +391,7 @@ class _Run:
     """One prune() call's state: a deep copy of the model, its traced graph and units, the
     cost model, and after :meth:`apply` the measured result."""
 
-    def __init__(self, model: nn.Module, report: AFIEReport, example_inputs: torch.Tensor, ignored: list[str],
+    def __init__(self, model: nn.Module, report: AFIEReport, example_inputs: Inputs, ignored: list[str],
                  prune_residual: bool | str, allocation: str, unit: str, target: float, bar,
                  degenerate: str = DEFAULT_DEGENERATE) -> None:
         self.model, self.report, self.x = model, report, example_inputs
@@ -433,8 +436,6 @@ class _Run:
         self._step("groups", sum(isinstance(m, (Conv, nn.Linear)) for m in self.graph.dg.module2node))
         if count:
             self.before = counting.measured
-            _check_not_shared({n: k for n, k in self.before.calls.items()
-                               if n in self.report.layers or isinstance(self.layers[n], Conv)})
         self.groups = self.graph.groups([self.layers[n] for n in self.ignored], tick=self.bar.update)
         self._find_units()
 
@@ -623,16 +624,6 @@ def _ignored_names(ignored_layers, convs: dict[str, Layer]) -> list[str]:
     return [x if isinstance(x, str) else name_of[id(x)] for x in ignored_layers]
 
 
-def _check_not_shared(calls: dict[str, int]) -> None:
-    """A conv that runs twice in one forward (shared weights) feeds two places, which a
-    cut cannot keep consistent."""
-    shared = [n for n, k in calls.items() if k > 1]
-    if shared:
-        raise ValueError(f"conv {shared[0]!r} runs {calls[shared[0]]} times in one forward (shared weights"
-                         f"{f'; also {shared[1:4]}' if len(shared) > 1 else ''}): afie_fast cannot prune a model "
-                         "that reuses a conv")
-
-
 def _apply(graph: Graph, units: list[Unit], plan: _Plan, report: AFIEReport, convs, criterion: str, seed: int,
            tick: Callable[[], object]) -> None:
     for i, (unit, k) in enumerate(zip(units, plan.counts)):
@@ -651,7 +642,7 @@ class _DoesNotRun(RuntimeError):
         self.cause, self.plan = cause, None
 
 
-def _check_runs(model: nn.Module, example_inputs: torch.Tensor, shape: Any, dispatch: bool = True) -> tuple[int, int]:
+def _check_runs(model: nn.Module, example_inputs: Inputs, shape: Any, dispatch: bool = True) -> tuple[int, int]:
     """MACs and params of the pruned copy, which must run and give outputs of the
     original's shape: a failure here is a coupling the dependency graph did not see."""
     empty = [n for n, m in layers_of(model).items() if width(m) < 1]
@@ -660,7 +651,7 @@ def _check_runs(model: nn.Module, example_inputs: torch.Tensor, shape: Any, disp
                            "(one kept per layer, group and concat part): please report it with the model")
     try:
         with Counting(model, per_layer=False, dispatch=dispatch) as counting, scoring_mode(model), torch.no_grad():
-            model(example_inputs)
+            call(model, example_inputs)
         after = counting.measured
     except (RuntimeError, IndexError, ValueError, TypeError, AssertionError) as exc:  # what a forward raises on a
         cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__  # wrong shape (timm's asserts too)

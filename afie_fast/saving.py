@@ -13,13 +13,15 @@ from torch import nn
 
 from .copying import copy_model
 from .coupling import build_graph
+from .inputs import Inputs, describe, example
 from .layers import Conv, layers_of, width
 from .scoring import scoring_mode
 from .handlers import refresh
 from .traceable import make_traceable
 
 PLAN_FORMAT = "afie_fast.pruned"
-PLAN_VERSION = 3  # 2: Linear layers in "layers", state-dict metadata; 3: every conv kind in "layers"
+PLAN_VERSION = 4  # 2: Linear layers in "layers", state-dict metadata; 3: every conv kind in "layers";
+# 4: "inputs" (afie_fast.inputs.describe: several inputs too) for "input_shape" and "input_dtype"
 
 
 def state_dict_metadata(model: nn.Module) -> dict[str, dict]:
@@ -29,7 +31,7 @@ def state_dict_metadata(model: nn.Module) -> dict[str, dict]:
     return {k: {kk: vv for kk, vv in v.items() if isinstance(vv, (int, str, float, bool))} for k, v in meta.items()}
 
 
-def pruning_plan(original: nn.Module, pruned: nn.Module, example_inputs: torch.Tensor,
+def pruning_plan(original: nn.Module, pruned: nn.Module, example_inputs: Inputs,
                  history: list) -> dict[str, Any]:
     """The plan :func:`save_pruned` stores for ``pruned``: ``original`` cut by ``history``
     (Torch-Pruning's ``DependencyGraph.pruning_history()``: (layer, outputs?, indices)),
@@ -39,7 +41,7 @@ def pruning_plan(original: nn.Module, pruned: nn.Module, example_inputs: torch.T
     before = {n: width(m) for n, m in layers_of(original).items()}
     return {
         "format": PLAN_FORMAT, "version": PLAN_VERSION, "model": type(original).__name__,
-        "input_shape": list(example_inputs.shape), "input_dtype": str(example_inputs.dtype).replace("torch.", ""),
+        "inputs": describe(example_inputs),
         "layers": {n: [before[n], width(m)] for n, m in layers_of(pruned).items()},
         "history": [[name, bool(out), [int(i) for i in idxs]] for name, out, idxs in history],
         "state_dict_metadata": state_dict_metadata(pruned),
@@ -116,9 +118,10 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
                          f"do not match this {type(model).__name__}")
     rebuilt = copy_model(model)
     restore = make_traceable(rebuilt)
-    example = torch.zeros(plan["input_shape"], dtype=getattr(torch, plan["input_dtype"]))
+    traced = (example(plan["inputs"]) if "inputs" in plan else
+              torch.zeros(plan["input_shape"], dtype=getattr(torch, plan["input_dtype"])))
     with scoring_mode(rebuilt):
-        build_graph(rebuilt, example).replay([[n, out, idxs] for n, out, idxs in plan["history"]])
+        build_graph(rebuilt, traced).replay([[n, out, idxs] for n, out, idxs in plan["history"]])
     refresh(rebuilt)
     restore(rebuilt)
     state._metadata = plan.get("state_dict_metadata", {})  # module versions, which safetensors does not keep

@@ -12,6 +12,7 @@ from torch import nn
 
 from . import _ext
 from .accumulator import CovarianceAccumulator, planar
+from .inputs import run_batch
 from .layers import Conv, Layer, eager, filter_weights, kind, layers_of, width
 from .observe import Observed, output_moments
 from .positions import Lattice, resolve
@@ -47,26 +48,6 @@ def select_layers(model: nn.Module, layers: LayerSelector = None, linear: bool =
     if not chosen:
         raise ValueError(f"layers: the selection matched no {kinds} layer")
     return chosen
-
-
-def model_input(batch: Any, input_fn: Callable[[Any], Any] | None = None) -> torch.Tensor:
-    """The model input in a batch: a tensor, the first tensor of a tuple/list, batch["input"],
-    or whatever input_fn(batch) returns."""
-    if input_fn is not None:
-        batch = input_fn(batch)
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)):
-        for item in batch:
-            if isinstance(item, torch.Tensor):
-                return item
-    if isinstance(batch, dict):
-        if isinstance(batch.get("input"), torch.Tensor):
-            return batch["input"]
-        raise TypeError(f"a dict batch needs a tensor under 'input' (it has keys {sorted(map(str, batch))}); "
-                        "or pass input_fn=")
-    raise TypeError(f"a batch must be a tensor, a tuple/list holding one, or a dict with 'input'; got "
-                    f"{type(batch).__name__} (pass input_fn= to extract the input)")
 
 
 @contextmanager
@@ -182,7 +163,9 @@ def score(model: nn.Module, loader: Iterable | None = None, *, source: str | Non
         progress: show a tqdm bar and a one-line summary.
         distributed: merge every rank's accumulators (torch.distributed must be
             initialised) so that all ranks get the same report.
-        input_fn: maps a batch to the model input.
+        input_fn: maps a batch to the model input: a tensor, or a tuple (positional) or
+            dict (keyword arguments) for a model of several inputs, e.g.
+            ``lambda b: (b[0], b[1])`` for a U-Net's ``forward(x, t)``.
         criteria: within-layer filter scores to compute for activations, from
             ("l1", "variance", "independence"); default ("l1", "variance").
             "independence" costs one O(C³) leave-one-out solve per layer.
@@ -357,8 +340,7 @@ def stream_activations(model: nn.Module, loader: Iterable, layers: dict[str, Obs
             for batch in loader:
                 if max_batches is not None and batch_index >= max_batches:
                     break
-                x = model_input(batch, input_fn).to(device, non_blocking=True)
-                model(x)
+                run_batch(model, batch, input_fn, device)
                 batch_index += 1
                 bar.update(1)
     finally:
