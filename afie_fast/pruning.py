@@ -558,11 +558,16 @@ class _Run:
 
     def _reach(self, target: float, criterion: str, seed: int) -> tuple[_Plan, nn.Module]:
         """Plan, cut and measure; for FLOPs/params, re-aim on a fresh copy (up to 3 times)
-        while the cost model misses the measured reduction by more than 1%."""
+        while the cost model misses the measured reduction by more than 1%. The cost model
+        holds the layers' own costs; what it leaves out (a non-local block's matmuls, whose
+        size follows its convs' widths) makes the measured reduction a multiple of the
+        predicted one: the first re-aim scales by it, the next ones follow the secant
+        through the last two (predicted, measured) pairs."""
         plan = self.plan(target)
         work = self.apply(plan, criterion, seed)
         if self.unit == "filters":
             return plan, work
+        seen = [(0.0, 0.0)]  # no cut predicts and measures nothing
         for _ in range(3):
             close = abs(self.reached - target) <= 0.01
             at_most = plan.filter_target >= self.max_target - 1e-6 and self.reached < target
@@ -570,7 +575,10 @@ class _Run:
             granular = abs(self.predicted(plan) - self.reached) < 1e-6
             if close or at_most or granular:
                 break
-            plan = self.plan(min(max(self.predicted(plan) + target - self.reached, 0.0), 1.0), fresh=True)
+            seen.append((self.predicted(plan), self.reached))
+            (p0, r0), (p1, r1) = seen[-2:]
+            aim = p1 + (target - r1) * (p1 - p0) / (r1 - r0) if abs(r1 - r0) > 1e-9 else p1 + target - r1
+            plan = self.plan(min(max(aim, 0.0), 1.0), fresh=True)
             work = self.apply(plan, criterion, seed)
         return plan, work
 

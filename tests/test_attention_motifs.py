@@ -168,3 +168,40 @@ def test_shared_convs_are_cut_alike_in_every_call(net):
         assert _kept(model.p3, pruned.p3) == _kept(model.p4, pruned.p4)
     for got, want in zip(*(m(x) if isinstance(m(x), list) else [m(x)] for m in (pruned, zeroed))):
         torch.testing.assert_close(got, want)
+
+
+class _NonLocal(nn.Module):
+    """A non-local block: its matmuls, which the cost model does not hold, grow with the
+    width of its convs (theta, phi, g)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.theta, self.phi, self.g, self.w = (nn.Conv2d(c, c // 2, 1), nn.Conv2d(c, c // 2, 1),
+                                                nn.Conv2d(c, c // 2, 1), nn.Conv2d(c // 2, c, 1))
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        t = self.theta(x).view(n, -1, h * w).permute(0, 2, 1)
+        g = self.g(x).view(n, -1, h * w).permute(0, 2, 1)
+        y = torch.softmax(t @ self.phi(x).view(n, -1, h * w), -1) @ g
+        return x + self.w(y.permute(0, 2, 1).reshape(n, -1, h, w))
+
+
+@pytest.mark.parametrize("target", [0.3, 0.4])
+def test_flops_targets_are_met_where_the_cost_model_misses_matmuls(target):
+    """The re-aim after the first cut used to shift by the miss, which overshot back and
+    forth when the measured reduction was 1.6× the predicted one: 31.9% for a 40% target,
+    with a warning blaming whole filters."""
+    import reference
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), _NonLocal(32),
+                          nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), _NonLocal(64), nn.Conv2d(64, 48, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(48, 10)).eval()
+    x = torch.randn(8, 3, 16, 16)
+    report = af.score(model, [x], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pruned, stats = af.prune(model, report, target=target, unit="flops", example_inputs=x[:1], progress=False)
+    (before, _), (after, _) = reference.macs_and_params(model, x[:1]), reference.macs_and_params(pruned, x[:1])
+    assert abs(stats.reached - target) <= 0.01 and abs((1 - after / before) - stats.reached) < 1e-9
