@@ -111,6 +111,8 @@ class _ShapeRecorder(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if getattr(func, "__name__", "") == "detach" and args and isinstance(args[0], torch.Tensor):
+            return args[0].clone()  # a copy autograd records: see _autograd_kept
         out = func(*args, **kwargs)
         if args and isinstance(args[0], (list, tuple)) and isinstance(out, torch.Tensor) and out.grad_fn is not None:
             if getattr(func, "__name__", "") in ("cat", "concat", "concatenate") and out.dim() > 0:
@@ -660,7 +662,7 @@ def build_graph(model: nn.Module, example_inputs: Inputs) -> Graph:
     recorder, failed = _ShapeRecorder(), []
 
     def forward(m, x):
-        with recorder, recorder.watching_modules():
+        with recorder, recorder.watching_modules(), _autograd_kept():
             return call(m, x)
 
     # Torch-Pruning traces through autograd: a caller's no_grad or inference_mode would hide
@@ -713,6 +715,25 @@ def build_graph(model: nn.Module, example_inputs: Inputs) -> Graph:
                 if dep.target is node:
                     dep.index_mapping = [None, None]
     return Graph(dg, opaque)
+
+
+@contextlib.contextmanager
+def _autograd_kept():
+    """The trace records the whole forward: ``torch.no_grad()`` blocks inside it (a frozen
+    backbone's features) run with grad, a reentrant ``torch.utils.checkpoint`` runs its
+    function in place, and the recorder turns ``detach()`` (a stop-gradient) into a copy.
+    Torch-Pruning's graph is autograd's, so a conv past any of them was not in it and was
+    silently never cut."""
+    from torch.utils.checkpoint import CheckpointFunction
+
+    real = torch.no_grad.__enter__
+    torch.no_grad.__enter__ = lambda self: setattr(self, "prev", torch.is_grad_enabled())
+    CheckpointFunction.apply = staticmethod(lambda function, _preserve, *args: function(*args))  # shadows Function's
+    try:
+        yield
+    finally:
+        torch.no_grad.__enter__ = real
+        del CheckpointFunction.apply
 
 
 def _map_channel_concats(dg: tp.DependencyGraph, recorder: _ShapeRecorder) -> None:
@@ -1127,7 +1148,7 @@ def find_units(graph: Graph, groups: list, layers: Iterable[str], prune_residual
     ``layers`` left whole with the reason."""
     dg, names, layers = graph.dg, graph.names, set(layers)
     heads = _attention_layers(dg.model)
-    units, skipped = [], {}
+    units, skipped = [], {names[m]: _UNTRACED for m in names if names[m] in layers and m not in dg.module2node}
     for root, group, reason, mirrors, blocks in groups:
         if group is None:
             if names[root] in layers:
@@ -1211,6 +1232,8 @@ def _mirrored(group, mirrors: int) -> tuple[int, str | None]:
     return max(g, mirrors, parts), None
 
 
+_UNTRACED = ("not in the traced graph: autograd, which Torch-Pruning's trace follows, records no path from it to "
+             "the output (it runs inside a custom autograd Function's forward, or under torch.inference_mode)")
 _ONE_PER_GROUP = ("its channels are groups of one (a conv with a channel multiplier, groups=in_channels < "
                   "out_channels, or a GroupNorm with a group per channel reads them): a cut would empty a group")
 _UNEQUAL = ("a split into equal parts (Res2Net's width) whose parts do not line up with the coupled channels: a "

@@ -163,3 +163,77 @@ def test_score_and_prune_leave_a_training_spectral_norm_as_it_was(source):
         af.prune(model, report, target=0.3, example_inputs=SIGNAL[0][:1], progress=False)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert all(m.training for m in model.modules())
+
+
+class _Hidden(nn.Module):
+    """A conv whose output reaches the next one past what autograd does not record: a
+    stop-gradient, a frozen block under torch.no_grad(), a reentrant checkpoint."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.a, self.b, self.c = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 32, 3), nn.Conv2d(32, 8, 3)
+
+    def forward(self, x):
+        if self.kind == "detach":
+            h = torch.relu(self.a(x)).detach()
+        elif self.kind == "no_grad":
+            with torch.no_grad():
+                h = torch.relu(self.a(x))
+        else:
+            h = torch.utils.checkpoint.checkpoint(lambda t: torch.relu(self.a(t)), x, use_reentrant=True)
+        return self.c(torch.relu(self.b(h))).mean((2, 3))
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")  # torch's, on the checkpoint in eval
+@pytest.mark.parametrize("kind", ["detach", "no_grad", "checkpoint"])
+def test_convs_behind_a_stop_gradient_are_cut(kind):
+    """Torch-Pruning's trace is autograd's: conv a was not in its graph, and was silently
+    never cut (not even listed in stats.skipped)."""
+    torch.manual_seed(0)
+    model = _Hidden(kind).eval()
+    x = torch.randn(4, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    report = af.score(model, [x], progress=False)
+    pruned, stats = af.prune(model, report, target=0.3, example_inputs=x[:1], progress=False)
+    assert pruned.a.out_channels < 16 and pruned.b.in_channels == pruned.a.out_channels, stats.summary()
+    # the cut model is the original with the removed filters zeroed (0 through ReLU, nothing to the next conv)
+    zeroed = copy_model(model)
+    for name in ("a", "b"):
+        old, new = getattr(model, name), getattr(pruned, name)
+        gone = [i for i, b in enumerate(old.bias) if not (new.bias == b).any()]
+        getattr(zeroed, name).weight.data[gone], getattr(zeroed, name).bias.data[gone] = 0, 0
+    torch.testing.assert_close(pruned(x), zeroed(x))
+    # and torch's own no_grad and checkpoint are as they were
+    with torch.no_grad():
+        assert not torch.is_grad_enabled()
+    w = torch.randn(3, requires_grad=True)
+    y = torch.utils.checkpoint.checkpoint(lambda t: t * 2, w, use_reentrant=True)
+    assert type(y.grad_fn).__name__ == "CheckpointFunctionBackward"
+
+
+class _InsideFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, module):
+        return module(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _Wrapped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inside, self.after = nn.Conv2d(3, 16, 3), nn.Conv2d(16, 16, 3)
+
+    def forward(self, x):
+        return self.after(torch.relu(_InsideFunction.apply(x, self.inside))).mean((2, 3))
+
+
+def test_a_conv_autograd_does_not_record_is_listed_with_why():
+    torch.manual_seed(0)
+    model = _Wrapped().eval()
+    x = torch.randn(4, 3, 12, 12)
+    report = af.score(model, [x], progress=False)
+    with pytest.raises(ValueError, match=r"not in the traced graph: .*custom autograd Function.*\(inside\)"):
+        af.prune(model, report, target=0.3, example_inputs=x[:1], progress=False)
