@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import prune as masking
 
 from .copying import copy_model
 from .coupling import build_graph
@@ -124,7 +125,19 @@ def load_pruned(model: nn.Module, path: str | Path) -> nn.Module:
         build_graph(rebuilt, traced).replay([[n, out, idxs] for n, out, idxs in plan["history"]])
     refresh(rebuilt)
     restore(rebuilt)
+    _masks_as_saved(rebuilt, state)
     state._metadata = plan.get("state_dict_metadata", {})  # module versions, which safetensors does not keep
     rebuilt.load_state_dict(state, strict=True)
     rebuilt.afie_fast_plan = plan
     return rebuilt
+
+
+def _masks_as_saved(model: nn.Module, state: dict) -> None:
+    """The torch.nn.utils.prune masks the saved model carried (``<t>_orig`` and ``<t>_mask``),
+    put on the fresh instance, which has none, so that its state dict matches."""
+    for key in state:
+        path, _, tensor = key.rpartition(".")
+        if tensor.endswith("_mask") and f"{key[:-5]}_orig" in state:
+            module = model.get_submodule(path)
+            if not hasattr(module, tensor):
+                masking.custom_from_mask(module, tensor[:-5], state[key])

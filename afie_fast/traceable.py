@@ -11,7 +11,9 @@ Two things in a user's model hide layers from that trace or break the cut:
   tensors on the next forward. They are folded into plain weights for the cut; weight
   norm is applied again afterwards, exactly (g = ‖w‖, v = w gives back w), the others
   stay plain (their constraint, a spectral norm of 1 or an orthogonal matrix, is not
-  one a subset of filters keeps).
+  one a subset of filters keeps). Masks of ``torch.nn.utils.prune`` (unstructured
+  pruning before this structured one) are folded as ``prune.remove`` does and applied
+  again to the cut weight, their zeros the mask.
 - Frozen parameters (``requires_grad=False``, a frozen backbone): the trace follows
   autograd, which records no edge into a layer whose parameters need no grad, so those
   layers were never cut and a fully frozen model had "nothing to prune". Every parameter
@@ -25,6 +27,7 @@ from typing import Callable
 
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
+from torch.nn.utils import prune as masking
 from torch.nn.utils.spectral_norm import SpectralNorm, SpectralNormLoadStateDictPreHook, remove_spectral_norm
 from torch.nn.utils.weight_norm import WeightNorm, remove_weight_norm
 
@@ -36,7 +39,7 @@ class _Computed:
     """One computed weight that was folded: where, and how to compute it again."""
     module: str
     tensor: str
-    weight_norm: str | None  # "parametrization" or "hook": applied again; None: left plain
+    again: str | None  # weight norm ("parametrization" or "hook") or a pruning "mask", applied again; None: plain
     dim: int | None
     requires_grad: bool
 
@@ -51,16 +54,19 @@ def make_traceable(model: nn.Module) -> Callable[[nn.Module], list[str]]:
     modules = list(model.named_modules())  # folding changes the tree
     with scoring_mode(model):
         computed = [c for name, module in modules for c in _fold(name, module)]
-    plain = {_qualified(c): c.requires_grad for c in computed if c.weight_norm is None}
+    plain = {_qualified(c): c.requires_grad for c in computed if c.again is None}
     for p in model.parameters():
         p.requires_grad_(True)
 
     def restore(cut: nn.Module) -> list[str]:
         modules = dict(cut.named_modules())
         for c in computed:
-            if c.weight_norm == "parametrization":
+            if c.again == "parametrization":
                 parametrizations.weight_norm(modules[c.module], c.tensor, c.dim)
-            elif c.weight_norm == "hook":
+            elif c.again == "mask":
+                module = modules[c.module]
+                masking.custom_from_mask(module, c.tensor, getattr(module, c.tensor) != 0)
+            elif c.again == "hook":
                 with warnings.catch_warnings():  # torch deprecates it; the user's model has it
                     warnings.simplefilter("ignore", FutureWarning)
                     nn.utils.weight_norm(modules[c.module], c.tensor, c.dim)
@@ -74,6 +80,10 @@ def make_traceable(model: nn.Module) -> Callable[[nn.Module], list[str]]:
 def _fold(name: str, module: nn.Module) -> list[_Computed]:
     """Fold every tensor ``module`` computes itself (not its children's) into a plain one."""
     folded = []
+    for hook in [h for h in module._forward_pre_hooks.values() if isinstance(h, masking.BasePruningMethod)]:
+        requires_grad = getattr(module, hook._tensor_name + "_orig").requires_grad
+        masking.remove(module, hook._tensor_name)
+        folded.append(_Computed(name, hook._tensor_name, "mask", None, requires_grad))
     for hook in [h for h in module._forward_pre_hooks.values() if isinstance(h, (WeightNorm, SpectralNorm))]:
         requires_grad = any(p.requires_grad for n, p in module.named_parameters(recurse=False)
                             if n.startswith(hook.name + "_"))

@@ -115,6 +115,35 @@ def test_the_callers_parametrized_layer_keeps_its_weight():
     model(x)
 
 
+def test_unstructured_pruning_masks_are_kept_through_the_cut(tmp_path):
+    """Masks from torch.nn.utils.prune (a forward pre-hook computes weight = weight_orig ·
+    weight_mask): Torch-Pruning's cut could not assign the weight, and every masked conv was
+    left whole ("cannot assign 'torch.FloatTensor' as parameter 'weight'")."""
+    from torch.nn.utils import prune as masking
+
+    torch.manual_seed(0)
+    model = vocoder().eval()
+    for i in (0, 5):
+        masking.l1_unstructured(model[i], "weight", amount=0.4)
+    masks = {i: model[i].weight_mask.clone() for i in (0, 5)}
+    plain = copy_model(model)
+    for i in (0, 5):
+        masking.remove(plain[i], "weight")  # weight = weight_orig · weight_mask, plain
+    report = af.score(model, SIGNAL, progress=False)
+    pruned, stats = af.prune(model, report, target=0.5, unit="flops", example_inputs=SIGNAL[0][:1], progress=False)
+    expected, expected_stats = af.prune(plain, report, target=0.5, unit="flops", example_inputs=SIGNAL[0][:1],
+                                        progress=False)
+    assert stats.kept == expected_stats.kept and stats.kept["0"][1] < 32 and stats.kept["5"][1] < 24
+    torch.testing.assert_close(pruned(SIGNAL[1]), expected(SIGNAL[1]), rtol=0, atol=0)
+    # the cut layers keep their masks: the original mask on the kept filters and inputs
+    kept_out = [int((model[0].bias == b).nonzero()) for b in pruned[0].bias]
+    torch.testing.assert_close(pruned[0].weight_mask, masks[0][kept_out])
+    assert pruned[0].weight_orig.requires_grad and hasattr(model[0], "weight_mask")  # the caller's as it was
+    fresh = vocoder().eval()
+    path = af.save_pruned(pruned, tmp_path / "masked.safetensors")
+    torch.testing.assert_close(af.load_pruned(fresh, path)(SIGNAL[2]), pruned(SIGNAL[2]), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("arch", ["vgg", "resnet_basic"])
 @pytest.mark.parametrize("frozen", ["all", "first half"])
 def test_frozen_layers_are_cut_and_stay_frozen(arch, frozen):
