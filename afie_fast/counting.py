@@ -102,6 +102,31 @@ def shapes(out: Any) -> Any:
     return type(out).__name__
 
 
+def loosen(shape: Any, other: Any) -> Any:
+    """``shape`` (from :func:`shapes`) with each size that ``other`` has different as None,
+    and each part whose structure differs as ``...``: what of a model's output depends on
+    its data (a detector's kept boxes), from the shapes of two outputs."""
+    if shape == other:
+        return shape
+    if isinstance(shape, tuple) and isinstance(other, tuple) and len(shape) == len(other):
+        return tuple(loosen(a, b) for a, b in zip(shape, other))
+    if isinstance(shape, int) and isinstance(other, int):
+        return None
+    return ...
+
+
+def matches(pattern: Any, shape: Any) -> bool:
+    """Whether an output's ``shape`` fits ``pattern`` (see :func:`loosen`)."""
+    if pattern is ...:
+        return True
+    if pattern is None:
+        return isinstance(shape, int)
+    if isinstance(pattern, tuple):
+        return (isinstance(shape, tuple) and len(shape) == len(pattern)
+                and all(matches(p, s) for p, s in zip(pattern, shape)))
+    return pattern == shape
+
+
 class Counting:
     """Counts what the forwards run inside it do, on the model itself (no copy).
     ``measured`` holds the result after a clean exit, and the model is left as it was

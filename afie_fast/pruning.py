@@ -14,7 +14,7 @@ from torch import nn
 
 from .calibration import recalibrate_bn
 from .copying import copy_model
-from .counting import Counting, Measured
+from .counting import Counting, Measured, loosen, matches, shapes
 from .inputs import Inputs, call, map_tensors
 from .inputs import check as check_inputs
 from .layers import Conv, Layer, eager, layers_of, width
@@ -435,9 +435,23 @@ class _Run:
         self.bar.update()
         self._step("groups", sum(isinstance(m, (Conv, nn.Linear)) for m in self.graph.dg.module2node))
         if count:
-            self.before = counting.measured
+            self.before = replace(counting.measured, shape=self._output_pattern(counting.measured.shape))
         self.groups = self.graph.groups([self.layers[n] for n in self.ignored], tick=self.bar.update)
         self._find_units()
+
+    def _output_pattern(self, shape: Any) -> Any:
+        """The output's shape with what depends on the data loosened (counting.loosen),
+        from the uncut copy run on other inputs of the same shapes: a detector's number of
+        kept boxes changes with its weights too, and a pruned detector's different count
+        read as a broken cut, which left every conv whole."""
+        with scoring_mode(self.work), torch.no_grad():
+            for make in (torch.randn_like, torch.zeros_like):
+                other = map_tensors(self.x, lambda t: make(t) if t.is_floating_point() else t)
+                try:
+                    shape = loosen(shape, shapes(call(self.work, other)))
+                except Exception:  # noqa: BLE001 - an input the model refuses tells nothing
+                    continue
+        return shape
 
     def _find_units(self) -> None:
         self.units, self.skipped = find_units(self.graph, self.groups, self.report.layers, self.residual)
@@ -666,7 +680,7 @@ def _check_runs(model: nn.Module, example_inputs: Inputs, shape: Any, dispatch: 
         raise _DoesNotRun(f"the pruned {type(model).__name__} does not run ({cause}): its forward couples channels "
                           "in a way Torch-Pruning's graph does not see; pass the convs involved in "
                           "ignored_layers=[...]", cause) from exc
-    if after.shape != shape:
+    if not matches(shape, after.shape):
         raise _DoesNotRun(f"the pruned {type(model).__name__} gives outputs of shape {after.shape} instead of "
                           f"{shape}; pass the convs involved in ignored_layers=[...]",
                           f"outputs of shape {after.shape}, not {shape}")

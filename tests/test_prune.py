@@ -1,4 +1,5 @@
 """prune(): physically smaller models through torch-pruning."""
+import copy
 import warnings
 
 import numpy as np
@@ -597,3 +598,43 @@ def test_pixel_shuffle_cuts_replay_on_load(tmp_path):
     assert stats.kept["up"][1] % 4 == 0 and stats.kept["up"][1] < 32
     loaded = af.load_pruned(_SubPixel(), af.save_pruned(pruned, tmp_path / "p.safetensors"))
     assert torch.equal(loaded.eval()(x), pruned(x))
+
+
+class _Detector(nn.Module):
+    """Detection-style post-processing: how many boxes it keeps depends on the data (and
+    the weights), as in torchvision's and YOLO's detectors in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU())
+        self.cls, self.box = nn.Conv2d(32, 1, 1), nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        f = self.body(x)
+        scores = self.cls(f).sigmoid().flatten(1)
+        boxes = self.box(f).flatten(2).transpose(1, 2)
+        return [{"boxes": b[s > 0.5], "scores": s[s > 0.5]} for b, s in zip(boxes, scores)]
+
+
+def test_outputs_whose_size_depends_on_the_data_do_not_read_as_a_broken_cut():
+    """The pruned copy keeps other boxes than the original; the size of the output then
+    differed and every cut read as breaking the model: "nothing to prune"."""
+    torch.manual_seed(0)
+    model = _Detector().eval()
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.bias)
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # about half the positions kept
+        model.cls.bias -= model.cls(model.body(x[:1])).median()
+    report = af.score(model, [x], progress=False)
+    pruned, stats = af.prune(model, report, target=0.5, example_inputs=x[:1], progress=False)
+    assert len(pruned(x[:1])[0]["scores"]) != len(model(x[:1])[0]["scores"])  # what made cuts look broken
+    assert set(stats.skipped) == {"cls", "box"} and pruned.body[2].out_channels < 32
+    zeroed = copy.deepcopy(model)  # removing filters is zeroing them (0 through ReLU: nothing to the next conv)
+    for i in (0, 2):
+        gone = [k for k, b in enumerate(model.body[i].bias) if not (pruned.body[i].bias == b).any()]
+        zeroed.body[i].weight.data[gone], zeroed.body[i].bias.data[gone] = 0, 0
+    for got, want in zip(pruned(x), zeroed(x)):
+        for key in ("boxes", "scores"):
+            torch.testing.assert_close(got[key], want[key])
