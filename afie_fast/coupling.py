@@ -683,7 +683,7 @@ def build_graph(model: nn.Module, example_inputs: Inputs) -> Graph:
     for node in dg.module2node.values():
         if node in shuffles:
             continue
-        kind = _channel_change(node, recorder)
+        kind = _channel_change(node, recorder, dg)
         if kind == "groups":
             grouped.append(node)
         elif kind == "split":
@@ -985,7 +985,7 @@ def _only_unit_dims(shape_in: tuple[int, ...], shape_out: tuple[int, ...]) -> bo
             and [d for d in shape_in[2:] if d != 1] == [d for d in shape_out[2:] if d != 1])
 
 
-def _channel_change(node, recorder: _ShapeRecorder) -> str | None:
+def _channel_change(node, recorder: _ShapeRecorder, dg: tp.DependencyGraph) -> str | None:
     """What a traced reshape or split does to the channels: None (nothing, or not such a
     node), "identity" (a reshape that only adds or drops unit dims), "groups" (a reshape into
     groups, mapped), "split" (a split a handler knows), or why Torch-Pruning cannot map it."""
@@ -1014,10 +1014,15 @@ def _channel_change(node, recorder: _ShapeRecorder) -> str | None:
         (shape_in, shape_out, _) = seen if seen is not None else ((), (), "")
         if len(shape_in) >= 2 and len(shape_out) >= 2 and shape_out[1] == shape_in[1]:
             return None
-        if _handled_split(node, recorder.owners.get(node.grad_fn), shape_in):
+        if _handled_split(node, recorder.owners.get(node.grad_fn), shape_in) or _chunked(node, seen, dg):
             return "split"
         return ("a channel split or slice fixed in the model's forward code "
                 "(afie_fast.register_split teaches prune where its sizes live)")
+    if type(node.grad_fn).__name__.startswith("GluBackward") and node.grad_fn in recorder.io:
+        (shape_in, shape_out) = recorder.io[node.grad_fn]
+        if len(shape_in) >= 2 and shape_in[1] == 2 * shape_out[1] and shape_in[2:] == shape_out[2:]:
+            node.afie_groups = (2, shape_out[1])  # F.glu(x, 1): channel c gates channel c of the other half
+            return "groups"
     return None
 
 
@@ -1089,6 +1094,35 @@ def _handled_split(node, owner: nn.Module | None, shape_in: tuple[int, ...]) -> 
     if sum(handler.sizes(owner)) != shape_in[1] or any(_split_part(node, out) is None for out in node.outputs):
         return False
     node.afie_split, node.afie_owner = handler, owner
+    return True
+
+
+@dataclass(frozen=True)
+class _Chunks:
+    """``x.chunk(n, 1)`` as a split handler: n equal parts of whatever width it gets
+    (WaveNet's gated activation, YOLOv8's C2f), so every part is cut alike."""
+
+    parts: int
+    dg: Any
+    equal: bool = True
+
+    def sizes(self, node) -> list[int]:
+        width = tp.dependency.shape_infer.infer_out_channels_recursively(self.dg, node.inputs[0], [0])
+        return [(width or 0) // self.parts] * self.parts
+
+
+def _chunked(node, seen: tuple | None, dg: tp.DependencyGraph) -> bool:
+    """Mark a ``chunk`` of the channels into equal parts, each output reading one, to be
+    mapped part by part (see _Chunks); whether it was."""
+    if seen is None or seen[2] != "chunk" or node.type != OPTYPE.SPLIT or len(node.inputs) != 1:
+        return False
+    shape_in, shape_out = seen[0], seen[1]
+    if len(shape_in) < 2 or shape_in[2:] != shape_out[2:] or shape_in[1] % shape_out[1]:
+        return False
+    chunks = _Chunks(shape_in[1] // shape_out[1], dg)
+    if sum(chunks.sizes(node)) != shape_in[1] or any(_split_part(node, out) is None for out in node.outputs):
+        return False
+    node.afie_split, node.afie_owner = chunks, node
     return True
 
 

@@ -638,3 +638,44 @@ def test_outputs_whose_size_depends_on_the_data_do_not_read_as_a_broken_cut():
     for got, want in zip(pruned(x), zeroed(x)):
         for key in ("boxes", "scores"):
             torch.testing.assert_close(got[key], want[key])
+
+
+class _Gated(nn.Module):
+    """Gated activations over the two halves of a conv's channels: GLU, and WaveNet's
+    tanh(a) · sigmoid(b) after x.chunk(2, 1). Channel k of one half goes with channel k of
+    the other; both were left whole."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.a, self.b, self.c = nn.Conv1d(4, 64, 3, padding=1), nn.Conv1d(32, 48, 3, padding=1), nn.Conv1d(48, 8, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.kind == "glu":
+            h = torch.nn.functional.glu(h, dim=1)
+        else:
+            p, q = h.chunk(2, dim=1)
+            h = torch.tanh(p) * torch.sigmoid(q)
+        return self.c(torch.relu(self.b(h))).mean(-1)
+
+
+@pytest.mark.parametrize("kind", ["glu", "chunk"])
+def test_gated_halves_are_cut_in_pairs(kind):
+    torch.manual_seed(0)
+    model = _Gated(kind).eval()
+    for conv in (model.a, model.b):
+        nn.init.normal_(conv.bias)
+    x = torch.randn(4, 4, 32, generator=torch.Generator().manual_seed(1))
+    report = af.score(model, [x], progress=False)
+    pruned, stats = af.prune(model, report, target=0.4, example_inputs=x[:1], progress=False)
+    assert "a" not in stats.skipped and pruned.a.out_channels < 64, stats.summary()
+    kept = [int((model.a.bias == b).nonzero()) for b in pruned.a.bias]
+    assert sorted(k for k in kept if k < 32) == sorted(k - 32 for k in kept if k >= 32)  # the same in both halves
+    # a removed pair gives 0 (tanh(0) · σ(0), 0 · σ(0)), which adds nothing to b: it is a zeroed pair
+    zeroed = copy.deepcopy(model)
+    for name in ("a", "b"):
+        old, new = getattr(model, name), getattr(pruned, name)
+        gone = [k for k, b in enumerate(old.bias) if not (new.bias == b).any()]
+        getattr(zeroed, name).weight.data[gone], getattr(zeroed, name).bias.data[gone] = 0, 0
+    torch.testing.assert_close(pruned(x), zeroed(x))
