@@ -19,24 +19,14 @@ from typing import Any, Callable, Iterable
 import torch
 import torch_pruning as tp
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from .inputs import Inputs, call, map_tensors
 from .layers import Conv, width
+from .remapping import cut_layer_norm, drop_all, end_collapsed_channels, find_norm_dims, group_statistics
+from .tracing import ShapeRecorder, autograd_kept, channel_dim
 from .handlers import heads_handler, split_handler
 
 OPTYPE = tp.ops.OPTYPE
-# torch functions whose output shape decides whether channels keep their meaning.
-_SHAPE_FUNCS = {"view", "reshape", "flatten", "unflatten", "split", "chunk", "split_with_sizes", "unbind",
-                "__getitem__", "narrow", "tensor_split", "unsafe_split", "_reshape_alias"}
-# Reductions, whose dims the recorder notes: over the channels, they end the channels' coupling.
-_REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod", "nansum",
-               "nanmean", "median", "nanmedian"}
-# Ops that only move elements, replayed on channel indices to follow a chain of them.
-_LAYOUT_FUNCS = {"view", "reshape", "flatten", "unflatten", "transpose", "permute", "swapaxes", "swapdims", "movedim",
-                 "contiguous", "squeeze", "unsqueeze", "_reshape_alias"}
-
-
 @dataclass
 class Unit:
     """Filters that are removed together: one torch-pruning group rooted at a conv.
@@ -73,87 +63,6 @@ class Unit:
         """The fewest root channels a cut may leave: one per channel group, part and head,
         and one block."""
         return max(self.channel_groups, len(self.parts), self.multiple, self.block)
-
-
-class _ShapeRecorder(TorchFunctionMode):
-    """Records, for every reshape/split-like op of a forward pass, the grad_fn of its
-    output with the input and output shapes: torch-pruning's graph knows the op but not
-    what it did to the channel dimension."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: dict[Any, tuple[tuple[int, ...], tuple[int, ...], str]] = {}
-        self.owners: dict[Any, nn.Module] = {}  # grad_fn of a split → the innermost module with a split handler
-        self.reductions: dict[Any, tuple[tuple[int, ...], int]] = {}  # grad_fn → (dims reduced, input rank)
-        self.io: dict[Any, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # grad_fn → shapes of every op's first input and output
-        self.layout: dict[Any, tuple[Callable, tuple, dict]] = {}  # grad_fn → a layout op, to replay on channel indices
-        self.handled: list[nn.Module] = []  # the stack of such modules whose forward is running
-        self.cats: dict[Any, tuple[int, list[int]]] = {}  # grad_fn of a concat → (its dim, each input's size on it)
-
-    @contextlib.contextmanager
-    def watching_modules(self):
-        """Keep ``handled`` current with global module hooks while the model runs."""
-        def enter(module, _args):
-            if split_handler(module) is not None:
-                self.handled.append(module)
-
-        def leave(module, _args, _out):
-            if self.handled and self.handled[-1] is module:
-                self.handled.pop()
-
-        hooks = [nn.modules.module.register_module_forward_pre_hook(enter),
-                 nn.modules.module.register_module_forward_hook(leave)]
-        try:
-            yield
-        finally:
-            for h in hooks:
-                h.remove()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if getattr(func, "__name__", "") == "detach" and args and isinstance(args[0], torch.Tensor):
-            return args[0].clone()  # a copy autograd records: see _autograd_kept
-        out = func(*args, **kwargs)
-        if args and isinstance(args[0], (list, tuple)) and isinstance(out, torch.Tensor) and out.grad_fn is not None:
-            if getattr(func, "__name__", "") in ("cat", "concat", "concatenate") and out.dim() > 0:
-                dim = kwargs.get("dim", args[1] if len(args) > 1 else 0) % out.dim()
-                self.cats.setdefault(out.grad_fn, (dim, [t.shape[dim] for t in args[0] if t.dim() == out.dim()]))
-                self.io.setdefault(out.grad_fn, (tuple(args[0][0].shape), tuple(out.shape)))
-        if not args or not isinstance(args[0], torch.Tensor):
-            return out
-        name = getattr(func, "__name__", "")
-        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
-            self._note_op(name, func, args, kwargs, out)
-        elif name in ("max", "min") and isinstance(out, tuple) and getattr(out[0], "grad_fn", None) is not None:
-            self._note_op(name, func, args, kwargs, out[0])  # (values, indices) of a reduction
-        if name in _SHAPE_FUNCS:
-            for o in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(o, torch.Tensor) and o.grad_fn is not None:
-                    self.shapes.setdefault(o.grad_fn, (tuple(args[0].shape), tuple(o.shape), name))
-                    if self.handled:
-                        self.owners.setdefault(o.grad_fn, self.handled[-1])
-        return out
-
-    def _note_op(self, name: str, func: Callable, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
-        """Shapes of every op, the arguments of layout ops, and the dims of reductions."""
-        self.io.setdefault(out.grad_fn, (tuple(args[0].shape), tuple(out.shape)))
-        if name in _LAYOUT_FUNCS:
-            self.layout.setdefault(out.grad_fn, (func, args[1:], dict(kwargs)))
-        if name in _REDUCTIONS:
-            rank, at = args[0].dim(), 2 if name == "norm" else 1  # norm(x, p, dim)
-            dim = kwargs.get("dim", args[at] if len(args) > at else None)
-            is_dim = lambda d: isinstance(d, int) and not isinstance(d, bool)  # std(x, True): unbiased
-            if is_dim(dim) or isinstance(dim, (tuple, list)) and dim and all(map(is_dim, dim)):
-                dims = (dim,) if isinstance(dim, int) else tuple(dim)
-                self.reductions.setdefault(out.grad_fn, (tuple(sorted(d % max(rank, 1) for d in dims)), rank))
-            elif dim is None:  # over every dim (max(x, other) is elementwise: its second argument is a tensor)
-                self.reductions.setdefault(out.grad_fn, (tuple(range(rank)), rank))
-
-    @property
-    def reduced(self) -> set:
-        """grad_fns of reductions over dim 1 of a 5-D or wider tensor (selective kernels'
-        sum over the paths)."""
-        return {fn for fn, (dims, rank) in self.reductions.items() if dims == (1,) and rank >= 5}
 
 
 def _keeps_channels(shape_in: tuple[int, ...], shape_out: tuple[int, ...]) -> bool:
@@ -240,7 +149,7 @@ class _BlockMapping:
         return sorted(mapped)  # sorted and unique, as _GroupsMapping's
 
 
-def _map_shuffle(node, recorder: "_ShapeRecorder") -> bool:
+def _map_shuffle(node, recorder: "ShapeRecorder") -> bool:
     """Index mapping of a pixel shuffle or unshuffle (an elementwise node to Torch-Pruning,
     which then maps channels one to one across a change of width): True when ``node`` is one."""
     kind = type(node.grad_fn).__name__
@@ -253,7 +162,7 @@ def _map_shuffle(node, recorder: "_ShapeRecorder") -> bool:
     return True
 
 
-def _size_concats_after(dg: tp.DependencyGraph, shuffles: list, recorder: "_ShapeRecorder") -> None:
+def _size_concats_after(dg: tp.DependencyGraph, shuffles: list, recorder: "ShapeRecorder") -> None:
     """A concat of channels one of whose inputs comes from a pixel shuffle through
     elementwise ops: its input widths as traced. Torch-Pruning infers them from the layer
     that made each input, whose width a shuffle changed, and its offsets then sent other
@@ -352,7 +261,7 @@ def _into_groups(node, shapes: tuple, reduced: set) -> bool:
 _MOVERS = ("Flip", "Roll", "Rot90", "Gather", "Index", "Scatter", "Sort", "Take")
 
 
-def _channel_chain(start, recorder: _ShapeRecorder) -> tuple[list, bool] | None:
+def _channel_chain(start, recorder: ShapeRecorder) -> tuple[list, bool] | None:
     """For a reshape that moves the channels off dim 1 (ResNeSt's radix softmax: a view to
     (cardinality, radix, C), a transpose, a softmax, a view back), the nodes up to the
     reshape that brings back the first two dims, and whether every element is then where
@@ -387,7 +296,7 @@ def _channel_chain(start, recorder: _ShapeRecorder) -> tuple[list, bool] | None:
 
 def _map_identity(node) -> None:
     """A node of a chain that leaves every channel in place (see _channel_chain,
-    _group_statistics): what Torch-Pruning read as a flatten (a reshape) or a repeat (a
+    group_statistics): what Torch-Pruning read as a flatten (a reshape) or a repeat (a
     5-D expand, its mapping for grouped-query attention) to or from it maps channels one
     to one."""
     mappings = tp.dependency.index_mapping
@@ -527,13 +436,13 @@ def _own_parameters_follow():
     pruners (weight and bias only) leave alone, cut with its channels: the gain of weight
     standardisation (timm's ScaledStdConv2d in NF-Nets, (out, 1, 1, 1)), a per-filter
     scale, an InstanceNorm's running statistics (track_running_stats=True); and a
-    LayerNorm's channels on the dim that holds them (_find_norm_dims)."""
+    LayerNorm's channels on the dim that holds them (find_norm_dims)."""
     real = tp.dependency.Dependency.__call__
 
     def call(dep, idxs):
         layer = dep.target.module
         if hasattr(dep.target, "afie_norm_dim"):  # a LayerNorm whose channels are not its last dim
-            _cut_layer_norm(layer, dep.target.afie_norm_dim, tp._helpers.to_plain_idxs(idxs))
+            cut_layer_norm(layer, dep.target.afie_norm_dim, tp._helpers.to_plain_idxs(idxs))
             return layer
         before = _own_width(layer)
         result = real(dep, idxs)
@@ -659,10 +568,10 @@ class Graph:
 
 def build_graph(model: nn.Module, example_inputs: Inputs) -> Graph:
     """Trace ``model`` (in eval mode, BN statistics untouched) into a dependency graph."""
-    recorder, failed = _ShapeRecorder(), []
+    recorder, failed = ShapeRecorder(), []
 
     def forward(m, x):
-        with recorder, recorder.watching_modules(), _autograd_kept():
+        with recorder, recorder.watching_modules(), autograd_kept():
             return call(m, x)
 
     # Torch-Pruning traces through autograd: a caller's no_grad or inference_mode would hide
@@ -673,7 +582,7 @@ def build_graph(model: nn.Module, example_inputs: Inputs) -> Graph:
     _drop_parameter_paths(dg)
     _map_channel_concats(dg, recorder)
     chained = _layout_chains(dg, recorder)
-    chained.update(_group_statistics(dg, recorder))
+    chained.update(group_statistics(dg, recorder))
     opaque: dict[Any, str] = {n: f"a channel {_KIND.get(n.type, 'coupling')} Torch-Pruning cannot map"
                               for n in failed if n not in chained}
     opaque.update((n, why) for n, why in chained.items() if why)
@@ -701,15 +610,15 @@ def build_graph(model: nn.Module, example_inputs: Inputs) -> Graph:
             _map_split(dg, node)
         for node in grouped:
             _map_groups(dg, node)
-    _end_collapsed_channels(dg, recorder)
-    _find_norm_dims(dg, recorder)
+    end_collapsed_channels(dg, recorder)
+    find_norm_dims(dg, recorder)
     # A group reaches an opaque node (and is refused for it) but goes no further: through
     # it the channel mapping is unknown, and an identity mapping would join whole networks
     # into one huge group.
     for node in opaque:
         node.enable_index_mapping = False
         for dep in node.dependencies:
-            dep.index_mapping = [None, _cut]
+            dep.index_mapping = [None, drop_all]
         for neighbour in [*node.inputs, *node.outputs]:
             for dep in neighbour.dependencies:
                 if dep.target is node:
@@ -717,26 +626,7 @@ def build_graph(model: nn.Module, example_inputs: Inputs) -> Graph:
     return Graph(dg, opaque)
 
 
-@contextlib.contextmanager
-def _autograd_kept():
-    """The trace records the whole forward: ``torch.no_grad()`` blocks inside it (a frozen
-    backbone's features) run with grad, a reentrant ``torch.utils.checkpoint`` runs its
-    function in place, and the recorder turns ``detach()`` (a stop-gradient) into a copy.
-    Torch-Pruning's graph is autograd's, so a conv past any of them was not in it and was
-    silently never cut."""
-    from torch.utils.checkpoint import CheckpointFunction
-
-    real = torch.no_grad.__enter__
-    torch.no_grad.__enter__ = lambda self: setattr(self, "prev", torch.is_grad_enabled())
-    CheckpointFunction.apply = staticmethod(lambda function, _preserve, *args: function(*args))  # shadows Function's
-    try:
-        yield
-    finally:
-        torch.no_grad.__enter__ = real
-        del CheckpointFunction.apply
-
-
-def _map_channel_concats(dg: tp.DependencyGraph, recorder: _ShapeRecorder) -> None:
+def _map_channel_concats(dg: tp.DependencyGraph, recorder: ShapeRecorder) -> None:
     """Torch-Pruning turns off the index mapping of every concat and split downstream of a
     3-D parameter (its guard for ViT's class token, concatenated along the tokens), which
     EdgeNeXt's attention temperature (heads, 1, 1) also is: concats and splits of channels
@@ -744,98 +634,8 @@ def _map_channel_concats(dg: tp.DependencyGraph, recorder: _ShapeRecorder) -> No
     memo: dict = {}
     for node in dg.module2node.values():
         if node.type in (OPTYPE.CONCAT, OPTYPE.SPLIT) and not node.enable_index_mapping:
-            dims = {_channel_dim(n, recorder, memo) for n in node.inputs} - {None}  # a split's part: not known
+            dims = {channel_dim(n, recorder, memo) for n in node.inputs} - {None}  # a split's part: not known
             node.enable_index_mapping = dims == {1}
-
-
-def _end_collapsed_channels(dg: tp.DependencyGraph, recorder: _ShapeRecorder) -> None:
-    """Where a tensor's channels are not what Torch-Pruning maps one to one onto the next
-    node's, no channel index crosses (the channels' dim is found from the trace, see
-    _channel_dim). Three cases, each of which coupled a conv's channels with something
-    else: a reduction over the channel dim (CBAM's and triplet attention's mean and max
-    over channels); a layer that reads them on another dim (ECA's Conv1d, whose length
-    runs over a conv's channels); and an elementwise op's input of one channel broadcast
-    over many, or with its channels on another dim (CBAM's spatial attention map, ECA's
-    gate made by that Conv1d). A cut changes their values (a mean over fewer channels, a
-    shorter Conv1d), never their shapes."""
-    memo: dict = {}
-    dim = lambda n: _channel_dim(n, recorder, memo)
-    for node in dg.module2node.values():
-        if node.grad_fn in recorder.reductions and len(node.inputs) == 1:
-            if dim(node.inputs[0]) in recorder.reductions[node.grad_fn][0]:
-                _sever(node.inputs[0], node)
-        elif isinstance(node.module, (Conv, nn.Linear, nn.modules.batchnorm._BatchNorm)):
-            shape = recorder.io.get(node.grad_fn, ((),))[0]
-            expected = len(shape) - 1 if isinstance(node.module, nn.Linear) else 1
-            across = [i for i in node.inputs if dim(i) not in (None, expected)]
-            for i in across:
-                _sever(i, node)
-            if across and isinstance(node.module, Conv):
-                _sever_where_combined(node)
-        elif node.type == OPTYPE.ELEMENTWISE and len(node.inputs) > 1:
-            out = recorder.io.get(node.grad_fn, ((), ()))[1]
-            seen = [(i, dim(i), recorder.io.get(i.grad_fn, ((), ()))[1]) for i in node.inputs]
-            seen = [(i, d, shape) for i, d, shape in seen if d is not None and len(shape) == len(out) > d]
-            if len(seen) < 2:
-                continue
-            widest = max(seen, key=lambda t: t[2][t[1]])[1]  # the dim of the most channels
-            for i, d, shape in seen:
-                if d != widest or shape[d] == 1 < out[d]:
-                    _sever(i, node)
-
-
-def _sever_where_combined(layer) -> None:
-    """A conv run along another conv's channels (ECA's Conv1d) makes a map whose positions
-    are those channels: where its own chain of single-input ops (a transpose back, a
-    sigmoid, an expand) meets another tensor, its channels are not that tensor's."""
-    frontier, seen = [(layer, n) for n in layer.outputs], set()
-    while frontier:
-        prev, node = frontier.pop()
-        if node in seen or isinstance(node.module, (Conv, nn.Linear)) or node.type == OPTYPE.CONCAT:
-            continue
-        seen.add(node)
-        if len(node.inputs) > 1:
-            _sever(prev, node)
-        else:
-            frontier.extend((node, n) for n in node.outputs)
-
-
-def _sever(a, b) -> None:
-    """No channel index crosses between nodes ``a`` and ``b`` (the second slot: the first is
-    what Torch-Pruning's updaters rewrite)."""
-    for x, y in ((a, b), (b, a)):
-        for dep in x.dependencies:
-            if dep.target is y:
-                dep.index_mapping[1] = _cut
-
-
-def _find_norm_dims(dg: tp.DependencyGraph, recorder: _ShapeRecorder) -> None:
-    """For each nn.LayerNorm, which dim of its normalized_shape holds the channels, as
-    ``node.afie_norm_dim`` (None: none does) where it is not the last: GCNet's
-    LayerNorm([C, 1, 1]) on (N, C, 1, 1). Torch-Pruning cuts the last, and crashed there.
-    Subclasses (timm's LayerNorm2d, which permutes inside) keep Torch-Pruning's own cut."""
-    memo: dict = {}
-    for node in dg.module2node.values():
-        if type(node.module) is not nn.LayerNorm or len(node.inputs) != 1 or node.grad_fn not in recorder.io:
-            continue
-        d, rank = _channel_dim(node.inputs[0], recorder, memo), len(recorder.io[node.grad_fn][0])
-        if d is not None and d - rank != -1:
-            node.afie_norm_dim = d - rank if d - rank >= -len(node.module.normalized_shape) else None
-
-
-def _cut_layer_norm(layer: nn.LayerNorm, dim: int | None, idxs: list[int]) -> None:
-    """Cut a LayerNorm's channels ``idxs`` on its normalized dim ``dim`` (see _find_norm_dims)."""
-    if dim is None:
-        return
-    gone = set(idxs)
-    keep = torch.tensor([i for i in range(layer.normalized_shape[dim]) if i not in gone], dtype=torch.long)
-    for name in ("weight", "bias"):
-        t = getattr(layer, name)
-        if t is not None:
-            setattr(layer, name, nn.Parameter(t.data.index_select(dim, keep.to(t.device)), requires_grad=t.requires_grad))
-    shape = list(layer.normalized_shape)
-    shape[dim] = len(keep)
-    layer.normalized_shape = tuple(shape)
 
 
 def _drop_parameter_paths(dg: tp.DependencyGraph) -> None:
@@ -869,7 +669,7 @@ def _drop_parameter_paths(dg: tp.DependencyGraph) -> None:
         del dg.module2node[module]
 
 
-def _layout_chains(dg: tp.DependencyGraph, recorder: _ShapeRecorder) -> dict[Any, str]:
+def _layout_chains(dg: tp.DependencyGraph, recorder: ShapeRecorder) -> dict[Any, str]:
     """The nodes of layout chains that move the channels off dim 1 and back (see
     _channel_chain), each with "" where the chain leaves every channel in place (mapped one
     to one: ResNeSt's radix softmax at cardinality 1) or why it cannot be cut."""
@@ -892,90 +692,6 @@ def _layout_chains(dg: tp.DependencyGraph, recorder: _ShapeRecorder) -> dict[Any
     return found
 
 
-# Ops a region of group statistics may hold (by grad_fn): elementwise maths, reductions
-# (held to the trailing dims by the shapes), and views that keep the memory order. Anything
-# else (a transpose, a flip, a gather) could move channels between the reshapes.
-_GROUP_STATISTICS_OPS = ("Var", "Std", "Mean", "Sum", "Amax", "Amin", "Norm", "LinalgVectorNorm", "Add", "Sub",
-                         "Mul", "Div", "Sqrt", "Rsqrt", "Pow", "Square", "Exp", "Log", "Abs", "Clamp", "Neg",
-                         "Reciprocal", "Sigmoid", "ToCopy", "Clone", "Expand", "View", "UnsafeView", "Reshape",
-                         "Squeeze", "Unsqueeze", "Alias")
-
-
-def _group_statistics(dg: tp.DependencyGraph, recorder: _ShapeRecorder) -> dict[Any, str]:
-    """The nodes of regions that compute statistics over G channel groups in the model's
-    own code: a reshape (N, C, …) → (N, G, …), ops that keep the G axis (reductions over
-    the trailing dims, elementwise maths, expands), and reshapes back to (N, C, …). timm's
-    EvoNorm-S0 (its group std), a GroupNorm written by hand (x.view(N, G, -1), normalised,
-    viewed back). Every channel comes back where it was, so the region maps them one to
-    one; its G groups of C/G consecutive channels are kept as a GroupNorm's are
-    (_channel_groups: a cut mirrored across them)."""
-    found: dict[Any, str] = {}
-    for node in dg.module2node.values():
-        if node in found or getattr(node, "afie_chain", False):
-            continue
-        region = _grouped_region(node, recorder)
-        if region is None:
-            continue
-        nodes, groups = region
-        for n in nodes:
-            found[n] = ""
-            n.afie_chain = n.afie_identity = True
-        node.afie_channel_groups = groups
-    return found
-
-
-def _into_grouped(node, recorder: _ShapeRecorder) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """(shape in, shape out) of a reshape (N, C, …) → (N, G, …) that keeps the memory
-    order, 1 < G < C, G dividing C; None for any other node."""
-    seen = recorder.shapes.get(node.grad_fn)
-    if node.type != OPTYPE.RESHAPE or seen is None or node.grad_fn not in recorder.layout:
-        return None
-    shape_in, shape_out = seen[0], seen[1]
-    if len(shape_in) < 3 or len(shape_out) < 3 or shape_in[0] != shape_out[0] or seen[2] not in (
-            "view", "reshape", "flatten", "unflatten", "_reshape_alias"):
-        return None
-    channels, groups = shape_in[1], shape_out[1]
-    if not (1 < groups < channels and channels % groups == 0):
-        return None
-    return shape_in, shape_out
-
-
-def _grouped_region(start, recorder: _ShapeRecorder) -> tuple[set, int] | None:
-    """The nodes from the reshape into groups ``start`` to the reshapes back (see
-    _group_statistics) and G; None when ``start`` begins no such region. The region is
-    closed both ways: what its ops read comes from it, or from the same input read into
-    the same groups again (a mean and a variance each from its own view)."""
-    entry = _into_grouped(start, recorder)
-    if entry is None or len(start.inputs) != 1:
-        return None
-    shape_in, shape_out = entry
-    nodes, exits, frontier = set(), 0, [start]
-    while frontier:
-        n = frontier.pop()
-        if n in nodes:
-            continue
-        if len(nodes) > 64:
-            return None
-        nodes.add(n)
-        if _into_grouped(n, recorder) == entry and n.inputs == start.inputs:
-            frontier.extend(n.outputs)
-            continue
-        shapes = recorder.io.get(n.grad_fn)
-        if n.type == OPTYPE.RESHAPE and shapes is not None and tuple(shapes[1]) == shape_in:
-            exits += 1  # channels again, each where it was
-            frontier.extend(n.inputs)
-            continue
-        if not type(n.grad_fn).__name__.startswith(_GROUP_STATISTICS_OPS) or not n.outputs or not n.inputs:
-            return None
-        trailing = tuple(shapes[1][2:]) if shapes is not None else shape_out[2:]
-        if shapes is not None and (tuple(shapes[1][:2]) != shape_out[:2] or not (
-                math.prod(trailing) == 1 or len(trailing) == len(shape_out) - 2
-                and all(t in (1, s) for t, s in zip(trailing, shape_out[2:])))):
-            return None  # the groups mixed, the trailing dims reordered, or not a grouped tensor at all
-        frontier.extend([*n.outputs, *n.inputs])
-    return (nodes, shape_out[1]) if exits else None
-
-
 def _only_unit_dims(shape_in: tuple[int, ...], shape_out: tuple[int, ...]) -> bool:
     """Whether a reshape only adds or drops size-1 dims after the first two, or views a
     vector of one entry per channel (a parameter: EvoNorm's v, (C,) → (1, C, 1, 1)) as channels."""
@@ -985,7 +701,7 @@ def _only_unit_dims(shape_in: tuple[int, ...], shape_out: tuple[int, ...]) -> bo
             and [d for d in shape_in[2:] if d != 1] == [d for d in shape_out[2:] if d != 1])
 
 
-def _channel_change(node, recorder: _ShapeRecorder, dg: tp.DependencyGraph) -> str | None:
+def _channel_change(node, recorder: ShapeRecorder, dg: tp.DependencyGraph) -> str | None:
     """What a traced reshape or split does to the channels: None (nothing, or not such a
     node), "identity" (a reshape that only adds or drops unit dims), "groups" (a reshape into
     groups, mapped), "split" (a split a handler knows), or why Torch-Pruning cannot map it."""
@@ -1026,63 +742,12 @@ def _channel_change(node, recorder: _ShapeRecorder, dg: tp.DependencyGraph) -> s
     return None
 
 
-# Layers whose output carries the channels on dim 1 (a Linear's are on the last dim).
-_CHANNELS_FIRST = (OPTYPE.CONV, OPTYPE.DEPTHWISE_CONV, OPTYPE.BN, OPTYPE.GN, OPTYPE.IN, OPTYPE.PRELU)
-# Nodes whose output carries the channels where their input does.
-_CHANNELS_KEPT = (OPTYPE.ELEMENTWISE, OPTYPE.LN, OPTYPE.CONCAT, OPTYPE.SPLIT, OPTYPE.SLICE)
-
-
-def _moves_channels_whole(node, recorder: _ShapeRecorder) -> bool:
+def _moves_channels_whole(node, recorder: ShapeRecorder) -> bool:
     """Whether a reshape keeps every channel whole wherever its input holds them: tokens
     (N, H·W, C) → (N, H, W, C), channels last, as EdgeNeXt writes them. Found by replaying
     the reshape on each element's channel number, the channels' dim read back to the layer
     that made them (a conv's: dim 1; a Linear's: the last) through layout and elementwise ops."""
-    return node.grad_fn in recorder.layout and _channel_dim(node, recorder, {}) is not None
-
-
-def _channel_dim(node, recorder: _ShapeRecorder, memo: dict, depth: int = 0) -> int | None:
-    """The dim of node's output that carries its channels, or None where unknown."""
-    if node in memo:
-        return memo[node]
-    memo[node] = None  # a cycle or a long walk ends unknown
-    shape = recorder.io.get(node.grad_fn, (None, None))[1]
-    if shape is None or depth > 48:
-        return None
-    if node.type in _CHANNELS_FIRST:
-        dim = 1
-    elif node.type == OPTYPE.LINEAR:
-        dim = len(shape) - 1
-    elif node.grad_fn in recorder.layout and len(node.inputs) == 1:
-        dim = _replayed_channel_dim(node, recorder, _channel_dim(node.inputs[0], recorder, memo, depth + 1),
-                                    recorder.io[node.grad_fn][0])
-    elif node.type in _CHANNELS_KEPT:  # as an input of the same rank has them
-        dims = [_channel_dim(n, recorder, memo, depth + 1) for n in node.inputs
-                if len(recorder.io.get(n.grad_fn, (None, ()))[1] or ()) == len(shape)]
-        dim = next((d for d in dims if d is not None), None)
-    else:
-        dim = None
-    memo[node] = dim
-    return dim
-
-
-def _replayed_channel_dim(node, recorder: _ShapeRecorder, dim_in: int | None, shape_in: tuple[int, ...]) -> int | None:
-    """The dim of a layout op's output along which its input's channel dim ``dim_in`` runs
-    whole and in order, or None."""
-    if dim_in is None or not 0 <= dim_in < len(shape_in) or math.prod(shape_in) > 1 << 24:
-        return None
-    func, args, kwargs = recorder.layout[node.grad_fn]
-    channels = shape_in[dim_in]
-    numbers = torch.arange(math.prod(shape_in)) // math.prod(shape_in[dim_in + 1:]) % channels
-    try:
-        out = func(numbers.view(shape_in), *args, **kwargs)
-    except (RuntimeError, TypeError, ValueError):  # it did not act on this tensor alone
-        return None
-    for d, size in enumerate(out.shape):
-        if size == channels:
-            along = torch.arange(size).view([-1 if i == d else 1 for i in range(out.dim())])
-            if torch.equal(out, along.expand_as(out)):
-                return d
-    return None
+    return node.grad_fn in recorder.layout and channel_dim(node, recorder, {}) is not None
 
 
 def _handled_split(node, owner: nn.Module | None, shape_in: tuple[int, ...]) -> bool:
@@ -1129,10 +794,6 @@ def _chunked(node, seen: tuple | None, dg: tp.DependencyGraph) -> bool:
 _KIND = {OPTYPE.RESHAPE: "reshape (e.g. a channel shuffle)", OPTYPE.CONCAT: "concat", OPTYPE.SPLIT: "split"}
 
 
-def _cut(idxs: list) -> list:
-    return []
-
-
 def is_out_conv(dg: tp.DependencyGraph, dep) -> bool:
     """Whether the dependency cuts the outputs of a conv or linear layer (its filters)."""
     return isinstance(dep.target.module, (Conv, nn.Linear)) and dg.is_out_channel_pruning_fn(dep.handler)
@@ -1150,7 +811,7 @@ def _changes_output(dg: tp.DependencyGraph, item) -> bool:
 
 def _channel_groups(node) -> int:
     """G of a grouped conv (not depthwise, whose channels pair one to one), of a GroupNorm
-    or of group statistics in a model's own code (_group_statistics: their channels must
+    or of group statistics in a model's own code (group_statistics: their channels must
     stay a multiple of G, and each channel in its group: a cut mirrored across them keeps
     both), else 1."""
     module = node.module

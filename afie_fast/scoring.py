@@ -13,7 +13,7 @@ from torch import nn
 from . import _ext
 from .accumulator import CovarianceAccumulator, planar
 from .inputs import run_batch
-from .layers import Conv, Layer, eager, filter_weights, kind, layers_of, width
+from .layers import Layer, eager, filter_weights, kind, layers_of, width
 from .observe import Observed, output_moments
 from .positions import Lattice, resolve
 from .report import AFIEReport, LayerScore

@@ -368,7 +368,7 @@ def test_attention_heads_narrow_with_the_stream_they_read(monkeypatch, request):
     # stream is cut to a multiple of every head count and the heads follow; without one
     # the stream's cut stops the model from running, and it stays whole.
     from afie_fast import handlers
-    from nets import AttentionStage, SelfAttention
+    from nets import SelfAttention
 
     model, report = build("attention")
     with warnings.catch_warnings():

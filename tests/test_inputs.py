@@ -88,7 +88,7 @@ def test_prune_save_and_load_a_model_of_several_inputs(tmp_path):
 
 
 def test_plans_of_one_input_tensor_saved_before_several_inputs_still_load(tmp_path):
-    model, batches = _model(), _batches()
+    batches = _batches()
     x = batches[0][0]
     plain = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3)).eval()
     report = af.score(plain, [x], progress=False)

@@ -4,7 +4,6 @@ import warnings
 
 import pytest
 import torch
-import torch_pruning as tp
 from torch import nn
 
 import afie_fast as af
