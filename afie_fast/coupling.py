@@ -219,6 +219,28 @@ def _map_groups(graph, node) -> None:
     _map_inputs(node, _GroupsMapping(groups, channels, reverse=False), _GroupsMapping(groups, channels, reverse=True))
 
 
+def _merged_with_positions(node, recorder: ShapeRecorder, seen: tuple) -> bool:
+    """Mark a reshape that merges the channels, on a dim other than 1, with the dims after
+    them into one (a CRNN's (W, N, C, H) → (W, N, C·H) before its LSTM): channel c becomes
+    features c·s … c·s + s − 1, s the merged dims' size. Torch-Pruning maps such a flatten
+    only from dim 1 of a 4-D tensor, and its LSTM then lost a channel's count of features
+    instead of s times it. Whether it was marked."""
+    shape_in, shape_out = seen[0], seen[1]
+    d = channel_dim(node.inputs[0], recorder, {}) if len(node.inputs) == 1 else None
+    if d is None or d == 1 or d >= len(shape_in) - 1 or shape_in[:d] != shape_out[:d] or len(shape_out) <= d:
+        return False
+    for m in range(2, len(shape_in) - d + 1):
+        if shape_out[d] == math.prod(shape_in[d:d + m]) and shape_out[d + 1:] == shape_in[d + m:]:
+            node.afie_flatten = shape_out[d] // shape_in[d]
+            return True
+    return False
+
+
+def _map_flatten(node) -> None:
+    flatten = tp.dependency.index_mapping._FlattenIndexMapping
+    _map_inputs(node, flatten(stride=node.afie_flatten), flatten(stride=node.afie_flatten, reverse=True))
+
+
 def _map_inputs(node, into: Callable, back: Callable) -> None:
     """Channel indices from each input of ``node`` into it go through ``into``, and from
     it back to the input through ``back``."""
@@ -370,6 +392,9 @@ def _index_mapping(failed: list, nodes: list | None = None):
                 if hasattr(node, "afie_groups"):  # a reshape into groups that are reduced
                     _map_groups(graph, node)
                     return
+                if hasattr(node, "afie_flatten"):  # channels merged with the dims after them
+                    _map_flatten(node)
+                    return
                 if hasattr(node, "afie_identity"):  # a layout chain that leaves the channels in place
                     _map_identity(node)
                     return
@@ -493,6 +518,61 @@ def _each_channel_once():
         tp.dependency.Dependency.__call__ = real
 
 
+class _RecurrentInputs(tp.pruner.function.BasePruningFunc):
+    """nn.GRU and nn.RNN, for which Torch-Pruning has no pruner (a CRNN's conv channels
+    feeding one were left whole): the first layer's input features are cut; the hidden
+    size never is (_recurrent_hidden refuses a group that reaches it)."""
+
+    def prune_in_channels(self, layer: nn.RNNBase, idxs: list) -> nn.Module:
+        keep = sorted(set(range(layer.input_size)) - set(idxs))
+        for name in ("weight_ih_l0", "weight_ih_l0_reverse")[: 1 + layer.bidirectional]:
+            setattr(layer, name, self._prune_parameter_and_grad(getattr(layer, name), keep, 1))
+        layer.input_size = len(keep)
+        return layer
+
+    def prune_out_channels(self, layer: nn.RNNBase, idxs: list) -> nn.Module:
+        raise RuntimeError("prune does not cut the hidden size of a recurrent layer")
+
+    def get_out_channels(self, layer: nn.RNNBase) -> int:
+        return layer.hidden_size * (1 + layer.bidirectional)
+
+    def get_in_channels(self, layer: nn.RNNBase) -> int:
+        return layer.input_size
+
+
+_RECURRENT = _RecurrentInputs()
+
+
+class _OneOp(torch.autograd.Function):
+    """A module's forward as one autograd op of its input (never differentiated: only traced)."""
+
+    @staticmethod
+    def forward(ctx, run, x):
+        return run(x)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("traced only")
+
+
+@contextlib.contextmanager
+def _recurrent_as_one_op(model: nn.Module):
+    """Every nn.GRU and nn.RNN of ``model`` traced as one op from its input to its outputs.
+    On the CPU their forward is many autograd ops (a matmul and a gate split per step),
+    which the trace followed inside, past the layer _RecurrentInputs cuts, into a split it
+    cannot map."""
+    patched = [m for m in model.modules() if type(m) in (nn.GRU, nn.RNN)]
+    for m in patched:
+        real = type(m).forward
+        m.forward = lambda x, hx=None, m=m, real=real: (
+            _OneOp.apply(lambda t: real(m, t, hx), x) if isinstance(x, torch.Tensor) else real(m, x, hx))
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward
+
+
 @dataclass
 class Graph:
     """A traced dependency graph and the nodes whose channel coupling cannot be cut."""
@@ -571,14 +651,15 @@ def build_graph(model: nn.Module, example_inputs: Inputs) -> Graph:
     recorder, failed = ShapeRecorder(), []
 
     def forward(m, x):
-        with recorder, recorder.watching_modules(), autograd_kept():
+        with recorder, recorder.watching_modules(), autograd_kept(), _recurrent_as_one_op(m):
             return call(m, x)
 
     # Torch-Pruning traces through autograd: a caller's no_grad or inference_mode would hide
     # every edge (and an inference tensor cannot enter autograd: hence the clone).
     with _index_mapping(failed), torch.inference_mode(False), torch.enable_grad():
         dg = tp.DependencyGraph().build_dependency(model, example_inputs=map_tensors(example_inputs, torch.clone),
-                                                   forward_fn=forward, verbose=False)
+                                                   forward_fn=forward, verbose=False,
+                                                   customized_pruners={nn.GRU: _RECURRENT, nn.RNN: _RECURRENT})
     _drop_parameter_paths(dg)
     _map_channel_concats(dg, recorder)
     chained = _layout_chains(dg, recorder)
@@ -586,7 +667,7 @@ def build_graph(model: nn.Module, example_inputs: Inputs) -> Graph:
     opaque: dict[Any, str] = {n: f"a channel {_KIND.get(n.type, 'coupling')} Torch-Pruning cannot map"
                               for n in failed if n not in chained}
     opaque.update((n, why) for n, why in chained.items() if why)
-    handled, grouped = [], []
+    handled, grouped, flattened = [], [], []
     shuffles = [node for node in dg.module2node.values() if _map_shuffle(node, recorder)]
     _size_concats_after(dg, shuffles, recorder)
     for node in dg.module2node.values():
@@ -595,6 +676,8 @@ def build_graph(model: nn.Module, example_inputs: Inputs) -> Graph:
         kind = _channel_change(node, recorder, dg)
         if kind == "groups":
             grouped.append(node)
+        elif kind == "flatten":
+            flattened.append(node)
         elif kind == "split":
             handled.append(node)
         elif kind == "identity":
@@ -610,6 +693,8 @@ def build_graph(model: nn.Module, example_inputs: Inputs) -> Graph:
             _map_split(dg, node)
         for node in grouped:
             _map_groups(dg, node)
+        for node in flattened:
+            _map_flatten(node)
     end_collapsed_channels(dg, recorder)
     find_norm_dims(dg, recorder)
     # A group reaches an opaque node (and is refused for it) but goes no further: through
@@ -715,6 +800,8 @@ def _channel_change(node, recorder: ShapeRecorder, dg: tp.DependencyGraph) -> st
             # Torch-Pruning infers around it (before a reshape into groups it read one as a flatten)
             node.afie_identity = True
             return "identity"
+        if seen is not None and _merged_with_positions(node, recorder, seen):
+            return "flatten"
         if seen is None or _keeps_channels(seen[0], seen[1]):
             return None
         if _into_groups(node, seen, recorder.reduced):
@@ -981,7 +1068,15 @@ def _why_whole(graph: Graph, group, members: list, layers: set[str], prune_resid
     nodes = [item.dep.target for item in group]
     opaque = next((graph.opaque[n] for n in nodes if n in graph.opaque), None)
     return (_reaches_output(graph.dg, group) or opaque or _residual(nodes, members, prune_residual)
-            or _outside(members, layers) or _grouped_transposed(nodes) or _misaligned_groups(group))
+            or _outside(members, layers) or _grouped_transposed(nodes) or _misaligned_groups(group)
+            or _recurrent_hidden(graph.dg, group))
+
+
+def _recurrent_hidden(dg: tp.DependencyGraph, group) -> str | None:
+    if any(isinstance(item.dep.target.module, nn.RNNBase) and dg.is_out_channel_pruning_fn(item.dep.handler)
+           for item in group):
+        return "the hidden size of a recurrent layer (GRU, LSTM, RNN), which prune does not cut"
+    return None
 
 
 def _reaches_output(dg: tp.DependencyGraph, group) -> str | None:

@@ -679,3 +679,44 @@ def test_gated_halves_are_cut_in_pairs(kind):
         gone = [k for k, b in enumerate(old.bias) if not (new.bias == b).any()]
         getattr(zeroed, name).weight.data[gone], getattr(zeroed, name).bias.data[gone] = 0, 0
     torch.testing.assert_close(pruned(x), zeroed(x))
+
+
+class _CRNN(nn.Module):
+    """A CRNN (text and sound recognition): conv features of a map four rows high, read
+    column by column by a recurrent layer, each column's channels and rows as one vector."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.cnn = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                 nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d((2, 1)))
+        self.rnn = rnn(32 * 4, 24, num_layers=2, bidirectional=True)
+        self.fc = nn.Linear(48, 11)
+
+    def forward(self, x):
+        f = self.cnn(x)
+        n, c, h, w = f.shape
+        y, _ = self.rnn(f.permute(3, 0, 1, 2).reshape(w, n, c * h))
+        return self.fc(y)
+
+
+@pytest.mark.parametrize("rnn", [nn.GRU, nn.LSTM, nn.RNN])
+def test_convs_feeding_a_recurrent_layer_are_cut_with_its_inputs(rnn, tmp_path):
+    """Torch-Pruning has no GRU or RNN pruner and traced their CPU forward op by op (into a
+    gate split it cannot map), and it maps a flatten only from dim 1 of a 4-D tensor: the
+    LSTM lost one feature per channel where it had four. The last conv stayed whole."""
+    torch.manual_seed(0)
+    model = _CRNN(rnn).eval()
+    for i in (0, 3):
+        nn.init.normal_(model.cnn[i].bias)
+    x = torch.randn(4, 1, 16, 32, generator=torch.Generator().manual_seed(1))
+    report = af.score(model, [x], progress=False)
+    pruned, stats = af.prune(model, report, target=0.5, example_inputs=x[:1], progress=False)
+    assert not stats.skipped and pruned.cnn[3].out_channels < 32
+    assert pruned.rnn.input_size == 4 * pruned.cnn[3].out_channels and pruned.rnn.hidden_size == 24
+    zeroed = copy.deepcopy(model)  # a removed filter gives 0 features, which add nothing to the RNN's input
+    for i in (0, 3):
+        gone = [k for k, b in enumerate(model.cnn[i].bias) if not (pruned.cnn[i].bias == b).any()]
+        zeroed.cnn[i].weight.data[gone], zeroed.cnn[i].bias.data[gone] = 0, 0
+    torch.testing.assert_close(pruned(x), zeroed(x))
+    loaded = af.load_pruned(_CRNN(rnn).eval(), af.save_pruned(pruned, tmp_path / "crnn.safetensors"))
+    torch.testing.assert_close(loaded(x), pruned(x), rtol=0, atol=0)
