@@ -598,9 +598,7 @@ class Graph:
                       for m in dg.module2node if isinstance(m, (Conv, nn.Linear))), default=1)
         bounded = _bounded_indices(max(1 << 20, 16 * widest))
         with _index_mapping([], nodes=[]), _watching_ties() as ties, bounded as held:
-            for module in list(dg.module2node):
-                if not isinstance(module, (Conv, nn.Linear)):
-                    continue
+            for module in _split_producers_first(dg):
                 tick()
                 if module in visited:
                     continue
@@ -646,6 +644,23 @@ class Graph:
             self.dg.load_pruning_history(history)
 
 
+def _split_producers_first(dg: tp.DependencyGraph) -> list[nn.Module]:
+    """Every conv and linear layer, those whose outputs an equal split divides first. A
+    group is found from its root: rooted at a layer that holds one part of such a split
+    (the bottleneck added to it in YOLOv8's C2f), it would hold only that part, and a cut
+    could not keep the parts equal; rooted at the producer it holds them all."""
+    first = []
+    for node in dg.module2node.values():
+        if getattr(node, "afie_split", None) is None or not node.afie_split.equal or len(node.inputs) != 1:
+            continue
+        source = node.inputs[0]
+        while not isinstance(source.module, (Conv, nn.Linear)) and len(source.inputs) == 1:
+            source = source.inputs[0]  # through its norm and activation
+        if isinstance(source.module, (Conv, nn.Linear)):
+            first.append(source.module)
+    return list(dict.fromkeys([*first, *(m for m in dg.module2node if isinstance(m, (Conv, nn.Linear)))]))
+
+
 def build_graph(model: nn.Module, example_inputs: Inputs) -> Graph:
     """Trace ``model`` (in eval mode, BN statistics untouched) into a dependency graph."""
     recorder, failed = ShapeRecorder(), []
@@ -661,6 +676,7 @@ def build_graph(model: nn.Module, example_inputs: Inputs) -> Graph:
                                                    forward_fn=forward, verbose=False,
                                                    customized_pruners={nn.GRU: _RECURRENT, nn.RNN: _RECURRENT})
     _drop_parameter_paths(dg)
+    _whole_splits_into_concats(dg, recorder)
     _map_channel_concats(dg, recorder)
     chained = _layout_chains(dg, recorder)
     chained.update(group_statistics(dg, recorder))
@@ -709,6 +725,41 @@ def build_graph(model: nn.Module, example_inputs: Inputs) -> Graph:
                 if dep.target is node:
                     dep.index_mapping = [None, None]
     return Graph(dg, opaque)
+
+
+def _whole_splits_into_concats(dg: tp.DependencyGraph, recorder: ShapeRecorder) -> None:
+    """A concat that takes every part of one split side by side, in order (YOLOv8's C2f and
+    YOLOv7's ELAN: ``torch.cat([*x.chunk(2, 1), m(y)], 1)``), takes the split's input whole:
+    those edges become one edge from the split's producer. Torch-Pruning's graph holds one
+    split node whose outputs are listed once per part they read, and its split and concat
+    mappings then inferred widths such as [48, 48, -16, 16] for a 32-wide chunk."""
+    by_fn = {node.grad_fn: node for node in dg.module2node.values()}
+    for cat in list(dg.module2node.values()):
+        dim, sizes = recorder.cats.get(cat.grad_fn, (None, []))
+        edges = [(by_fn.get(fn), k) for fn, k in getattr(cat.grad_fn, "next_functions", ())]
+        if cat.type != OPTYPE.CONCAT or dim != 1 or len(sizes) != len(edges):
+            continue
+        for split in dict.fromkeys(n for n, _ in edges if n is not None and n.type == OPTYPE.SPLIT):
+            at = [i for i, (n, _) in enumerate(edges) if n is split]
+            shape_in = recorder.shapes.get(split.grad_fn, ((),))[0]
+            whole = (at == list(range(at[0], at[0] + len(at))) and [edges[i][1] for i in at] == list(range(len(at)))
+                     and len(shape_in) > 1 and sum(sizes[i] for i in at) == shape_in[1]
+                     and getattr(split.grad_fn, "_saved_dim", 1) % len(shape_in) == 1 and len(split.inputs) == 1)
+            producer = split.inputs[0] if whole else None
+            if producer is None or producer in cat.inputs:
+                continue
+            edges[at[0]:at[-1] + 1] = [(producer, 0)]
+            cat.inputs = [n for n, _ in edges if n is not None]
+            split.outputs = [n for n in split.outputs if n is not cat]
+            producer.outputs.append(cat)
+            split.dependencies = [d for d in split.dependencies if d.target is not cat]
+            cat.dependencies = [d for d in cat.dependencies if d.target is not split]
+            pruner = lambda node: dg.get_pruner_of_module(node.module)
+            cat.dependencies.append(tp.dependency.Dependency(pruner(cat).prune_in_channels,
+                                                             pruner(producer).prune_out_channels, cat, producer))
+            producer.dependencies.append(tp.dependency.Dependency(pruner(producer).prune_out_channels,
+                                                                  pruner(cat).prune_in_channels, producer, cat))
+            cat.module.concat_sizes = None  # inferred anew from its inputs
 
 
 def _map_channel_concats(dg: tp.DependencyGraph, recorder: ShapeRecorder) -> None:
