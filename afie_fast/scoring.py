@@ -336,7 +336,9 @@ def stream_activations(model: nn.Module, loader: Iterable, layers: dict[str, Obs
                for i, (name, o) in enumerate(layers.items())]
     start = time.perf_counter()
     try:
-        with scoring_mode(model), torch.inference_mode():
+        # no_grad, not inference_mode: what the model caches in its forward (a detector's
+        # anchors) would be inference tensors, and its next forward with grad would fail.
+        with scoring_mode(model), torch.no_grad():
             for batch in loader:
                 if max_batches is not None and batch_index >= max_batches:
                     break

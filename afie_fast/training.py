@@ -56,7 +56,7 @@ def train(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 2e-3, p
     return model
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: see score(); a model's cached tensors must stay usable
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | None = None) -> float:
     """Top-1 accuracy of an eval-mode forward, ``batch_size`` images at a time (all at once
     by default; a 10,000-image forward of a CNN can need more memory than a machine has)."""
@@ -68,7 +68,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(y)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def latency_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20, warmup: int = 3) -> float:
     """Median wall time of one forward of batch x, per image, in milliseconds (CPU)."""
     model.eval()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import afie_fast as af
+from afie_fast.training import accuracy
 from nets import ARCHS, loader, randomised
 import reference
 
@@ -147,6 +148,33 @@ def test_model_is_unchanged():
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BN running stats too
     assert not any(m._forward_hooks for m in model.modules())
+
+
+class _CachesAnchors(nn.Module):
+    """A detector head's habit: a grid it builds in its first forward and keeps."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.anchors = nn.Conv2d(3, 4, 3, padding=1), None
+
+    def forward(self, x):
+        if self.anchors is None or self.anchors.shape[-2:] != x.shape[-2:]:
+            self.anchors = torch.arange(x.shape[-2] * x.shape[-1], dtype=x.dtype).view(x.shape[-2:]) / 8
+        return (self.conv(x) * self.anchors).mean(dim=(2, 3))
+
+
+def test_what_a_model_caches_while_scored_stays_usable_for_training():
+    """score() and accuracy() run the forward without autograd; under inference_mode a
+    tensor the model kept from it could never enter autograd again (YOLOv8's anchors: the
+    model's next training step failed)."""
+    torch.manual_seed(0)
+    model, x = _CachesAnchors(), torch.randn(2, 3, 8, 8)
+    af.score(model, [x], progress=False)
+    model(x).square().mean().backward()
+    assert model.conv.weight.grad is not None
+    model.anchors = None
+    accuracy(model, x, torch.zeros(2, dtype=torch.long))
+    model(x).square().mean().backward()
 
 
 def test_hooks_removed_and_mode_restored_when_loader_fails():
