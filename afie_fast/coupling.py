@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from .inputs import Inputs, call, map_tensors
 from .layers import Conv, width
@@ -663,11 +664,13 @@ def _split_producers_first(dg: tp.DependencyGraph) -> list[nn.Module]:
 
 def build_graph(model: nn.Module, example_inputs: Inputs) -> Graph:
     """Trace ``model`` (in eval mode, BN statistics untouched) into a dependency graph."""
-    recorder, failed = ShapeRecorder(), []
+    recorder, failed, returned = ShapeRecorder(), [], set()
 
     def forward(m, x):
         with recorder, recorder.watching_modules(), autograd_kept(), _recurrent_as_one_op(m):
-            return call(m, x)
+            out = call(m, x)
+        returned.update(t.grad_fn for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.grad_fn is not None)
+        return out
 
     # Torch-Pruning traces through autograd: a caller's no_grad or inference_mode would hide
     # every edge (and an inference tensor cannot enter autograd: hence the clone).
@@ -676,6 +679,10 @@ def build_graph(model: nn.Module, example_inputs: Inputs) -> Graph:
                                                    forward_fn=forward, verbose=False,
                                                    customized_pruners={nn.GRU: _RECURRENT, nn.RNN: _RECURRENT})
     _drop_parameter_paths(dg)
+    for node in dg.module2node.values():
+        # Torch-Pruning adds an output node only where the output's op has no module and
+        # was not met before (a detector returning its neck's features beside its boxes).
+        node.afie_returned = node.grad_fn in returned
     _whole_splits_into_concats(dg, recorder)
     _map_channel_concats(dg, recorder)
     chained = _layout_chains(dg, recorder)
@@ -944,7 +951,7 @@ def _changes_output(dg: tp.DependencyGraph, item) -> bool:
     if node.type == OPTYPE.OUTPUT:
         return True
     absorbed = isinstance(node.module, (Conv, nn.Linear)) and dg.is_in_channel_pruning_fn(item.dep.handler)
-    return not node.outputs and not absorbed
+    return (not node.outputs or getattr(node, "afie_returned", False)) and not absorbed
 
 
 def _channel_groups(node) -> int:

@@ -97,3 +97,32 @@ def test_halves_concatenated_out_of_order_stay_whole_and_say_why():
     model, pruned, stats = _cut(_C2f(shortcut=False, order=-1))
     assert pruned[1].cv1[0].out_channels == 32 and "split" in stats.skipped["1.cv1.0"]
     assert stats.reached > 0.4  # the rest is cut
+
+
+class _ReturnsFeatures(nn.Module):
+    """A YOLOv8 Detect head's eval output: its predictions and, beside them, the neck's
+    features it read (also the input of its convs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.neck = _conv(3, 16, 3), _conv(16, 24, 3)
+        self.head = nn.Sequential(_conv(24, 24, 3), nn.Conv2d(24, 10, 1))
+
+    def forward(self, x):
+        feats = self.neck(self.stem(x))
+        return self.head(feats), {"feats": [feats]}
+
+
+def test_features_returned_beside_the_predictions_keep_their_width():
+    """Torch-Pruning marks an output only where its op has no module and was not met
+    before, so these features were cut, and only the run check (halving the cuts on fresh
+    copies) kept them whole, under another reason."""
+    torch.manual_seed(0)
+    model, x = _ReturnsFeatures().eval(), torch.randn(4, 3, 16, 16)
+    report = af.score(model, [x], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pruned, stats = af.prune(model, report, target=0.3, example_inputs=x[:1], progress=False)
+    assert stats.skipped["neck.0"] == "its channels reach the model's output"
+    assert pruned.neck[0].out_channels == 24 and pruned.stem[0].out_channels < 16
+    assert pruned(x)[1]["feats"][0].shape == model(x)[1]["feats"][0].shape
