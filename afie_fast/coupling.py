@@ -708,16 +708,25 @@ def build_graph(model: nn.Module, example_inputs: Inputs) -> Graph:
             chained.setdefault(node, "")
         elif kind is not None:
             opaque.setdefault(node, kind)
-    with _index_mapping(failed):
+    remapped: list = []
+    with _index_mapping(remapped):
         for node in chained:
             if hasattr(node, "afie_identity"):
                 _map_identity(node)
         for node in handled:
             _map_split(dg, node)
+            # A concat of its parts that Torch-Pruning could not size while the split's
+            # sizes were unknown (CS3DarkNet's one-block stages), mapped now: no longer opaque.
+            for out in node.outputs:
+                if out.type == OPTYPE.CONCAT and out not in remapped and opaque.get(out, "").startswith("a channel concat"):
+                    del opaque[out]
         for node in grouped:
             _map_groups(dg, node)
         for node in flattened:
             _map_flatten(node)
+    failed.extend(remapped)
+    opaque.update((n, f"a channel {_KIND.get(n.type, 'coupling')} Torch-Pruning cannot map")
+                  for n in remapped if n not in chained and n not in opaque)
     end_collapsed_channels(dg, recorder)
     find_norm_dims(dg, recorder)
     # A group reaches an opaque node (and is refused for it) but goes no further: through

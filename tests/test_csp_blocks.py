@@ -126,3 +126,37 @@ def test_features_returned_beside_the_predictions_keep_their_width():
     assert stats.skipped["neck.0"] == "its channels reach the model's output"
     assert pruned.neck[0].out_channels == 24 and pruned.stem[0].out_channels < 16
     assert pruned(x)[1]["feats"][0].shape == model(x)[1]["feats"][0].shape
+
+
+class _Conv(nn.Module):
+    """Ultralytics' Conv: the layer is ``.conv``."""
+
+    def __init__(self, c1, c2):
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(c1, c2, 1), nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.conv(x))
+
+
+class C2f(_C2f):
+    """Ultralytics' C2f by its registered name: export swaps in forward_split, which splits
+    by ``self.c``; the built-in handler keeps ``c`` in step with the cut."""
+
+    __module__ = "ultralytics.nn.modules.block"
+
+    def __init__(self, c=32, n=1, shortcut=False):
+        super().__init__(c, n, shortcut)
+        self.cv1 = _Conv(c, 2 * self.c)
+
+    def forward_split(self, x):
+        y = list(self.cv1(x).split((self.c, self.c), 1))
+        y.extend(m(y[-1]) for m in self.m)
+        return self.cv2(torch.cat(y, 1))
+
+
+def test_ultralytics_c2f_keeps_its_split_width_in_step():
+    model, pruned, stats = _cut(C2f(n=1, shortcut=False))
+    block, h = pruned[1], torch.randn(2, pruned[0][0].out_channels, 8, 8)
+    assert 2 * block.c == block.cv1.conv.out_channels < 32
+    torch.testing.assert_close(block.forward_split(h), block(h))

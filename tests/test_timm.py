@@ -15,7 +15,7 @@ import reference
 timm = import_timm()
 
 MODELS = ["dpn68", "ghostnet_100", "rexnet_100", "resnest14d", "dla34", "cspdarknet53", "selecsls42b",
-          "xception41", "regnety_016", "ese_vovnet19b_dw", "mixnet_s", "res2net50_14w_8s", "skresnet18"]
+          "xception41", "regnety_016", "ese_vovnet19b_dw", "mixnet_s", "res2net50_14w_8s", "skresnet18", "cs3darknet_s"]
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
 
 
@@ -92,3 +92,21 @@ def test_split_transpose_attention_heads_follow_the_stream():
             assert width % m.num_heads == 0 and m.qkv.out_features == 3 * width == 3 * m.proj.in_features, name
     assert stats.kept["stages.1.downsample.1"][1] < 48 and stats.kept["stages.3.downsample.1"][1] < 168
     assert stats.kept["stages.2.downsample.1"] == (88, 88) and "split" in stats.skipped["stages.2.downsample.1"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cspdarknet53", "cs3darknet_s"])
+def test_csp_stages_are_cut_in_equal_halves(name):
+    """CSPNet's stages split conv_exp's output by ``self.expand_chs // 2`` (a handler keeps
+    it in step); CS3DarkNet's one-block stages concatenate a half whose width Torch-Pruning
+    could not infer before the split was sized. Both stayed whole."""
+    model = make(name)
+    report = af.score(model, [X], progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        pruned, stats = af.prune(model, report, target=0.5, unit="flops", example_inputs=X[:1], progress=False,
+                                 prune_residual=True)
+    assert not stats.skipped, stats.skipped
+    for stage, before in zip(pruned.stages, model.stages):
+        assert stage.expand_chs == stage.conv_exp.conv.out_channels < before.expand_chs
+    assert pruned(X).shape == (2, 10)
