@@ -724,7 +724,6 @@ def build_graph(model: nn.Module, example_inputs: Inputs) -> Graph:
             _map_groups(dg, node)
         for node in flattened:
             _map_flatten(node)
-    failed.extend(remapped)
     opaque.update((n, f"a channel {_KIND.get(n.type, 'coupling')} Torch-Pruning cannot map")
                   for n in remapped if n not in chained and n not in opaque)
     end_collapsed_channels(dg, recorder)

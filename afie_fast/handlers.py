@@ -197,10 +197,6 @@ register_split("timm.models.edgenext.SplitTransposeBlock", lambda m: [m.convs[0]
                _res2net_update, equal=True)
 
 
-def _halves(m: nn.Module) -> list[int]:
-    return [m.conv_exp.conv.out_channels // 2] * 2 if hasattr(m, "conv_exp") else [m.cv1.conv.out_channels // 2] * 2
-
-
 def _cross_stage_update(m: nn.Module, sizes: list[int]) -> None:
     m.expand_chs = sum(sizes)
 
@@ -212,13 +208,15 @@ def _half_update(m: nn.Module, sizes: list[int]) -> None:
 # timm's CSPNet stages (CSPDarkNet, CS3DarkNet): conv_exp's output split in two halves by
 # ``self.expand_chs // 2``, one through the blocks, concatenated back.
 for _name in ("CrossStage", "CrossStage3"):
-    register_split(f"timm.models.cspnet.{_name}", _halves, _cross_stage_update, equal=True)
+    register_split(f"timm.models.cspnet.{_name}", lambda m: [m.conv_exp.conv.out_channels // 2] * 2,
+                   _cross_stage_update, equal=True)
 # Ultralytics' C2f (and C3k2) and RepNCSPELAN4: cv1's output chunked in two halves, or
 # split by ``self.c`` in the forward_split that export swaps in; ``c`` must follow the cut.
 # (PSA and C2PSA split by ``c`` too, but their attention reshapes the half to the width it
 # had, so they stay whole.)
 for _name in ("C2f", "RepNCSPELAN4"):
-    register_split(f"ultralytics.nn.modules.block.{_name}", _halves, _half_update, equal=True)
+    register_split(f"ultralytics.nn.modules.block.{_name}", lambda m: [m.cv1.conv.out_channels // 2] * 2,
+                   _half_update, equal=True)
 
 
 # timm's EdgeNeXt CrossCovarianceAttn: q, k, v read as (3, heads, C / heads), the heads'
