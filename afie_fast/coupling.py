@@ -718,8 +718,8 @@ def build_graph(model: nn.Module, example_inputs: Inputs) -> Graph:
             # A concat of its parts that Torch-Pruning could not size while the split's
             # sizes were unknown (CS3DarkNet's one-block stages), mapped now: no longer opaque.
             for out in node.outputs:
-                if out.type == OPTYPE.CONCAT and out not in remapped and opaque.get(out, "").startswith("a channel concat"):
-                    del opaque[out]
+                if out.type == OPTYPE.CONCAT and out in failed and out not in remapped:
+                    opaque.pop(out, None)
         for node in grouped:
             _map_groups(dg, node)
         for node in flattened:
